@@ -1,0 +1,25 @@
+# The two commands of the README, plus helpers. Every target installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench-store
+
+setup:
+	@bash .ci/setup $(VENV)
+
+# The main job.
+demo: setup
+	$(PY) benchmarks/store_memory.py --quick
+
+# The test suite (what CI runs). pytest's exit 5 ("no tests ran") fails the target.
+test: setup
+	$(PY) -m ruff check store dissect_dist launch benchmarks tests
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check store dissect_dist launch benchmarks tests
+	$(PY) -m mypy
+
+bench-store: setup
+	$(PY) benchmarks/store_memory.py

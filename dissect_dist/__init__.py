@@ -1,0 +1,1 @@
+"""dissect_dist: the training package (config, data, model, selection, loss, trainer)."""

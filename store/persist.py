@@ -1,0 +1,256 @@
+"""Durable snapshots of the score store: Zarr v3 through fsspec.
+
+Layout under a root URL (file://, memory://, s3://, or a plain local path):
+
+    ROOT/step-000000001200/scores/...   Zarr v3 array (N,) float16, sharded, each inner
+                                        chunk compressed (blosc zstd, byte shuffle) and
+                                        crc32c-checksummed
+    ROOT/step-000000001200/COMMIT.json  written last, by rank 0, after every rank wrote
+
+A snapshot without COMMIT.json is torn (its save was interrupted) and is never read.
+COMMIT.json also holds a crc32 of every shard's decoded values, so a damaged or
+missing object is detected end to end, whatever the storage backend did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from store.layout import Layout
+
+FORMAT = "dissect-dist/score-store"
+FORMAT_VERSION = 1
+COMMIT = "COMMIT.json"
+ARRAY = "scores"
+_STEP_RE = re.compile(r"step-(\d{12})$")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing, torn, for another store, or damaged."""
+
+
+def _normalise(url: str, storage_options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    if "://" not in url:
+        url = "file://" + os.path.abspath(url)
+    opts = dict(storage_options or {})
+    if url.startswith("file://"):
+        opts.setdefault("auto_mkdir", True)
+    return url.rstrip("/"), opts
+
+
+def _url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    url, opts = _normalise(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs, path.rstrip("/")
+
+
+def _zarr_store(url: str, step: int, storage_options: dict[str, Any] | None,
+                read_only: bool) -> zarr.storage.FsspecStore:
+    url, opts = _normalise(url, storage_options)
+    return zarr.storage.FsspecStore.from_url(
+        f"{url}/{snapshot_name(step)}/{ARRAY}", storage_options=opts, read_only=read_only
+    )
+
+
+def snapshot_name(step: int) -> str:
+    return f"step-{step:012d}"
+
+
+def shard_crc32(values: np.ndarray, start: int, layout: Layout) -> dict[int, int]:
+    """crc32 of each whole-or-final shard's fp16 bytes; `values` begins at id `start`,
+    which must be shard aligned, and ends on a shard boundary or at N."""
+    out: dict[int, int] = {}
+    for off in range(0, values.shape[0], layout.shard):
+        out[(start + off) // layout.shard] = zlib.crc32(
+            np.ascontiguousarray(values[off:off + layout.shard]).view(np.uint8)
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- writing
+def prepare(url: str, step: int, layout: Layout, *, overwrite: bool,
+            storage_options: dict[str, Any] | None = None) -> None:
+    """Rank 0 only: clear a torn attempt at this step and create the array's metadata."""
+    fs, root = _url_to_fs(url, storage_options)
+    snap = f"{root}/{snapshot_name(step)}"
+    if fs.exists(f"{snap}/{COMMIT}") and not overwrite:
+        raise SnapshotError(
+            f"{url}: snapshot for step {step} is already committed; refusing to overwrite "
+            "it (pass overwrite=True, or save under another step)"
+        )
+    if fs.exists(snap):
+        fs.rm(snap, recursive=True)  # torn (no commit) or explicitly overwritten
+    zarr.create_array(
+        store=_zarr_store(url, step, storage_options, read_only=False),
+        shape=(layout.n,),
+        dtype="float16",
+        chunks=(layout.chunk,),
+        shards=(layout.shard,),
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
+                     Crc32cCodec()],
+        fill_value=float("nan"),
+        zarr_format=3,
+        # All-NaN shards are written too, so every committed shard exists as an object.
+        config={"write_empty_chunks": True},
+        attributes={"format": FORMAT, "format_version": FORMAT_VERSION},
+    )
+
+
+def write_range(url: str, step: int, lo: int, values: np.ndarray, layout: Layout, *,
+                storage_options: dict[str, Any] | None = None) -> dict[int, int]:
+    """Write values for ids [lo, lo + len) (whole shards) and return their shard crcs."""
+    if values.shape[0] == 0:
+        return {}
+    arr = zarr.open_array(
+        store=_zarr_store(url, step, storage_options, read_only=False),
+        mode="r+", zarr_format=3,
+    )
+    arr[lo:lo + values.shape[0]] = values
+    return shard_crc32(values, lo, layout)
+
+
+def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
+           extra: dict[str, Any] | None = None, *,
+           storage_options: dict[str, Any] | None = None) -> None:
+    """Rank 0 only, after every rank wrote: publish the snapshot."""
+    if sorted(crcs) != list(range(layout.num_shards)):
+        missing = sorted(set(range(layout.num_shards)) - set(crcs))
+        raise SnapshotError(f"{url}: step {step} not committed: shards {missing[:10]} were not written")
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "n": layout.n,
+        "dtype": "float16",
+        "layout": layout.to_dict(),
+        "shard_crc32": [crcs[s] for s in range(layout.num_shards)],
+        "created_unix": time.time(),
+        "extra": extra or {},
+    }
+    fs, root = _url_to_fs(url, storage_options)
+    path = f"{root}/{snapshot_name(step)}/{COMMIT}"
+    data = json.dumps(record).encode()
+    if isinstance(fs, LocalFileSystem):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: the record is whole or absent
+    else:
+        fs.pipe_file(path, data)  # a single PUT is atomic on object stores
+
+
+# ---------------------------------------------------------------------- reading
+def list_steps(url: str, storage_options: dict[str, Any] | None = None
+               ) -> list[tuple[int, bool]]:
+    """(step, committed) for every snapshot directory under url, oldest first."""
+    fs, root = _url_to_fs(url, storage_options)
+    if not fs.exists(root):
+        return []
+    out = []
+    for entry in fs.ls(root, detail=False):
+        m = _STEP_RE.search(entry.rstrip("/"))
+        if m:
+            out.append((int(m.group(1)), fs.exists(f"{entry.rstrip('/')}/{COMMIT}")))
+    return sorted(out)
+
+
+def read_commit(url: str, step: int | None = None, *,
+                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The commit record of `step`, or of the newest committed snapshot."""
+    steps = list_steps(url, storage_options)
+    committed = [s for s, ok in steps if ok]
+    if step is None:
+        if not committed:
+            torn = [s for s, ok in steps if not ok]
+            raise SnapshotError(
+                f"{url}: no committed score-store snapshot"
+                + (f" (torn, never committed: steps {torn})" if torn else "")
+            )
+        step = committed[-1]
+    elif step not in committed:
+        state = "is torn: its save never committed" if (step, False) in steps else "does not exist"
+        raise SnapshotError(
+            f"{url}: snapshot for step {step} {state}; committed steps: {committed}"
+        )
+    fs, root = _url_to_fs(url, storage_options)
+    raw = fs.cat_file(f"{root}/{snapshot_name(step)}/{COMMIT}")
+    try:
+        record: dict[str, Any] = json.loads(raw)
+    except ValueError as e:
+        raise SnapshotError(f"{url}: commit record of step {step} is unreadable: {e}") from e
+    if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(
+            f"{url}: step {step} is format {record.get('format')!r} v{record.get('format_version')}, "
+            f"this reader understands {FORMAT!r} v{FORMAT_VERSION}"
+        )
+    return record
+
+
+def read_range(url: str, record: dict[str, Any], lo: int, hi: int, *,
+               storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Values for ids [lo, hi) of a committed snapshot, every shard touched verified
+    against its commit crc32."""
+    saved = Layout.from_dict(record["layout"])
+    step = record["step"]
+    if hi <= lo:
+        return np.empty((0,), dtype=np.float16)
+    try:
+        arr = zarr.open_array(
+            store=_zarr_store(url, step, storage_options, read_only=True),
+            mode="r", zarr_format=3,
+        )
+    except Exception as e:  # noqa: BLE001 - any failure here means an unusable snapshot
+        raise SnapshotError(f"{url}: step {step}: cannot open the score array: {e}") from e
+    if arr.shape != (record["n"],) or arr.dtype != np.float16:
+        raise SnapshotError(
+            f"{url}: step {step}: array is {arr.shape} {arr.dtype}, commit record says "
+            f"({record['n']},) float16: the snapshot is damaged"
+        )
+    a = lo // saved.shard * saved.shard  # shard-aligned superset [a, b)
+    b = min(-(-hi // saved.shard) * saved.shard, saved.n)
+    try:
+        block = arr[a:b]
+    except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors on bad crc32c
+        raise SnapshotError(
+            f"{url}: step {step}: ids [{a}, {b}) cannot be decoded ({type(e).__name__}: {e}); "
+            "a chunk is corrupted: restore the snapshot from a copy or load an earlier step"
+        ) from e
+    got = shard_crc32(block, a, saved)
+    bad = [s for s, c in got.items() if c != record["shard_crc32"][s]]
+    if bad:
+        raise SnapshotError(
+            f"{url}: step {step}: shards {bad[:10]} do not match their commit checksum "
+            "(damaged or missing objects); restore the snapshot or load an earlier step"
+        )
+    return np.asarray(block[lo - a:hi - a])
+
+
+def check_expected(url: str, record: dict[str, Any], n: int | None) -> None:
+    if n is not None and record["n"] != n:
+        raise SnapshotError(
+            f"{url}: step {record['step']} holds N={record['n']} samples, this run expects "
+            f"N={n}: it belongs to another dataset/manifest; point to the right snapshot"
+        )
+    if record["dtype"] != "float16":
+        raise SnapshotError(f"{url}: step {record['step']} dtype {record['dtype']}, expected float16")
+
+
+def merge_crcs(parts: Sequence[dict[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in parts:
+        out.update(p)
+    return out

@@ -1,0 +1,261 @@
+"""The live score store: one fp16 tensor per rank holding the historical score of
+every sample id the rank owns, NaN = never scored, and the per-step exchange.
+
+Memory is 2 bytes per owned sample (the tensor) and nothing per sample beyond that:
+no Python objects, no index structures. Traffic per exchange is O(local batch) per
+rank: ids and scores travel to their owners and the old scores travel back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from store.collective import Collective, SingleProcess
+from store.layout import DEFAULT_CHUNK, DEFAULT_SHARD, Layout
+from store.rules import UpdateRule
+
+STORE_DTYPE = torch.float16
+
+
+class StoreInputError(ValueError):
+    """A rank passed ids outside [0, N) or non-finite scores to an exchange."""
+
+
+class ScoreStore:
+    """Per-sample historical scores, partitioned across ranks by id range.
+
+    Every public method that takes a `Collective` is collective: all ranks must call
+    it, in the same order, even a rank whose batch is empty.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        collective: Collective | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        chunk_target: int = DEFAULT_CHUNK,
+        shard_target: int = DEFAULT_SHARD,
+    ) -> None:
+        self.comm: Collective = collective if collective is not None else SingleProcess()
+        self.layout = Layout.build(
+            n, self.comm.world_size, chunk_target=chunk_target, shard_target=shard_target
+        )
+        self.lo, self.hi = self.layout.range_of(self.comm.rank)
+        self.device = torch.device(device)
+        # The commit record this store was loaded from (None for a fresh store).
+        self.loaded_record: dict[str, Any] | None = None
+        # (hi - lo,) fp16; NaN = never scored. The only per-sample memory there is.
+        self.values = torch.full(
+            (self.hi - self.lo,), float("nan"), dtype=STORE_DTYPE, device=self.device
+        )
+
+    @property
+    def n(self) -> int:
+        return self.layout.n
+
+    # ------------------------------------------------------------------ exchange
+    def exchange(
+        self, ids: torch.Tensor, curr: torch.Tensor, rule: UpdateRule
+    ) -> torch.Tensor:
+        """Collective. Returns hist (b,) fp32 on curr's device: the score each id had
+        before this call (NaN if never scored), and applies `rule` at the owners.
+
+        ids: (b,) int64 in [0, N); curr: (b,) finite floats; b may be 0 on any rank.
+
+        Duplicate ids in one global batch: every occurrence receives the pre-call
+        value, and the update is applied once, as if only the last occurrence in
+        global order (rank, then position in that rank's batch) were in the batch.
+        """
+        w = self.layout.world_size
+        ids = ids.reshape(-1).to(device=self.device, dtype=torch.int64)
+        curr = curr.reshape(-1).to(device=self.device, dtype=torch.float32)
+        if ids.shape != curr.shape:
+            raise StoreInputError(
+                f"exchange got {ids.numel()} ids but {curr.numel()} scores: pass one score per id"
+            )
+        bad_id = (ids < 0) | (ids >= self.n)
+        bad_score = ~torch.isfinite(curr)
+        owner = torch.where(bad_id, 0, ids // self.layout.per_rank)
+        order = torch.argsort(owner, stable=True)  # keeps batch order within each owner
+        send_counts = torch.bincount(owner, minlength=w)
+        flags = torch.stack([bad_id.sum(), bad_score.sum()])
+        header = torch.cat([send_counts[:, None], flags.expand(w, 2)], dim=1)  # (W, 3)
+        got = self.comm.all_to_all(header, [1] * w, [1] * w)  # (W, 3): row j from rank j
+        # CPU-GPU sync point: uneven all_to_all needs the split sizes on the host.
+        send_splits = send_counts.tolist()
+        got_host = got.tolist()
+        self._raise_on_bad_input(got_host, ids, curr, bad_id, bad_score)
+        recv_splits = [row[0] for row in got_host]
+
+        # ids < 2**53 travel exactly as float64, so one message carries both columns.
+        payload = torch.stack([ids[order].double(), curr[order].double()], dim=1)
+        recv = self.comm.all_to_all(payload, send_splits, recv_splits)  # (R, 2)
+        local = recv[:, 0].long() - self.lo
+        old = self.values[local].float()
+        self._apply(local, old, recv[:, 1].float(), rule)
+
+        back = self.comm.all_to_all(old, recv_splits, send_splits)  # (b,)
+        hist = torch.empty_like(back)
+        hist[order] = back
+        return hist
+
+    def _apply(
+        self, local: torch.Tensor, old: torch.Tensor, curr: torch.Tensor, rule: UpdateRule
+    ) -> None:
+        new = rule.apply(old, curr)
+        if new is None or local.numel() == 0:
+            return
+        # Last occurrence wins; rows arrive in global (rank, position) order.
+        uniq, inverse = torch.unique(local, return_inverse=True)
+        pos = torch.arange(local.numel(), device=local.device)
+        last = torch.full_like(uniq, -1).scatter_reduce_(0, inverse, pos, reduce="amax")
+        self.values[uniq] = new[last].to(STORE_DTYPE)
+
+    def _raise_on_bad_input(
+        self,
+        got: list[list[int]],
+        ids: torch.Tensor,
+        curr: torch.Tensor,
+        bad_id: torch.Tensor,
+        bad_score: torch.Tensor,
+    ) -> None:
+        bad_ranks = [(r, row[1], row[2]) for r, row in enumerate(got) if row[1] or row[2]]
+        if not bad_ranks:
+            return
+        mine = [b for b in bad_ranks if b[0] == self.comm.rank]
+        if mine and mine[0][1]:
+            first = int(ids[bad_id][0])
+            raise StoreInputError(
+                f"score store exchange: sample id {first} is outside [0, N={self.n}) "
+                f"({mine[0][1]} bad ids in this rank's batch); the manifest or data "
+                "loader produced ids the store was not sized for: build the store with "
+                "the manifest's total sample count"
+            )
+        if mine:
+            i = int(torch.nonzero(bad_score)[0])
+            raise StoreInputError(
+                f"score store exchange: score {float(curr[i])} for sample id {int(ids[i])} "
+                "is not finite; the scoring pass diverged (check the loss/logit scale)"
+            )
+        raise StoreInputError(
+            "score store exchange aborted: ranks "
+            f"{[b[0] for b in bad_ranks]} passed out-of-range ids or non-finite scores "
+            "(see their error)"
+        )
+
+    # ------------------------------------------------------------------ views
+    def local_numpy(self) -> np.ndarray:
+        """This rank's values (hi - lo,) as a float16 numpy array (a copy on GPU)."""
+        return self.values.detach().cpu().numpy()
+
+    def summary(self) -> dict[str, Any]:
+        """Collective. Cluster-wide count of scored samples and value range."""
+        v = self.values[~torch.isnan(self.values)].float()
+        part = (int(v.numel()), float(v.min()) if v.numel() else None,
+                float(v.max()) if v.numel() else None, float(v.sum()))
+        parts = self.comm.all_gather_object(part)
+        scored = sum(p[0] for p in parts)
+        mins = [p[1] for p in parts if p[1] is not None]
+        maxs = [p[2] for p in parts if p[2] is not None]
+        return {
+            "n": self.n,
+            "scored": scored,
+            "fraction_scored": scored / self.n,
+            "min": min(mins) if mins else None,
+            "max": max(maxs) if maxs else None,
+            "mean": sum(p[3] for p in parts) / scored if scored else None,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(
+        self,
+        url: str,
+        step: int,
+        *,
+        extra: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        """Collective. Every rank writes its own whole shards, then rank 0 commits.
+        On any rank's failure nothing is committed and every rank raises."""
+        from store import persist
+
+        opts = storage_options
+        err = None
+        if self.comm.rank == 0:
+            try:
+                persist.prepare(url, step, self.layout, overwrite=overwrite, storage_options=opts)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                err = f"{type(e).__name__}: {e}"
+        err = self.comm.broadcast_object(err, src=0)
+        if err is not None:
+            raise persist.SnapshotError(f"score store save to {url} failed on rank 0: {err}")
+        crcs: dict[int, int] = {}
+        err = None
+        try:
+            crcs = persist.write_range(url, step, self.lo, self.local_numpy(), self.layout,
+                                       storage_options=opts)
+        except Exception as e:  # noqa: BLE001
+            err = f"rank {self.comm.rank}: {type(e).__name__}: {e}"
+        parts = self.comm.all_gather_object((crcs, err))
+        errors = [e for _, e in parts if e is not None]
+        if not errors and self.comm.rank == 0:
+            try:
+                persist.commit(url, step, self.layout, persist.merge_crcs([c for c, _ in parts]),
+                               extra, storage_options=opts)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"rank 0 commit: {type(e).__name__}: {e}")
+        errors = self.comm.broadcast_object(errors, src=0)
+        if errors:
+            raise persist.SnapshotError(
+                f"score store save to {url} step {step} not committed: " + "; ".join(errors)
+            )
+
+    @classmethod
+    def load(
+        cls,
+        url: str,
+        collective: Collective | None = None,
+        *,
+        n: int | None = None,
+        step: int | None = None,
+        device: torch.device | str = "cpu",
+        chunk_target: int = DEFAULT_CHUNK,
+        shard_target: int = DEFAULT_SHARD,
+        storage_options: dict[str, Any] | None = None,
+    ) -> ScoreStore:
+        """Collective. Load a committed snapshot (the newest, or `step`) into a store
+        for the current world, whatever world size saved it. `n`, when given, must
+        match the snapshot's N."""
+        from store import persist
+
+        comm = collective if collective is not None else SingleProcess()
+        record: dict[str, Any] | str | None = None
+        if comm.rank == 0:  # one listing, so all ranks load the same step
+            try:
+                record = persist.read_commit(url, step, storage_options=storage_options)
+                persist.check_expected(url, record, n)
+            except persist.SnapshotError as e:
+                record = str(e)
+        record = comm.broadcast_object(record, src=0)
+        if isinstance(record, str):
+            raise persist.SnapshotError(record)
+        assert record is not None
+        store = cls(record["n"], comm, device=device, chunk_target=chunk_target,
+                    shard_target=shard_target)
+        err = None
+        try:
+            values = persist.read_range(url, record, store.lo, store.hi,
+                                        storage_options=storage_options)
+            store.values.copy_(torch.from_numpy(values))
+        except persist.SnapshotError as e:
+            err = str(e)
+        errors = [e for e in comm.all_gather_object(err) if e is not None]
+        if errors:
+            raise persist.SnapshotError(errors[0])
+        store.loaded_record = record
+        return store
