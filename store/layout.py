@@ -93,6 +93,8 @@ class Layout:
         """Indices of the shards that `rank` writes (all of them whole, except the
         final shard of the array, which is cut at N)."""
         lo, hi = self.range_of(rank)
+        if lo == hi:
+            return range(0)
         return range(lo // self.shard, _ceil_div(hi, self.shard))
 
     def to_dict(self) -> dict[str, int]:

@@ -158,6 +158,7 @@ def list_steps(url: str, storage_options: dict[str, Any] | None = None
                ) -> list[tuple[int, bool]]:
     """(step, committed) for every snapshot directory under url, oldest first."""
     fs, root = _url_to_fs(url, storage_options)
+    fs.invalidate_cache(root)  # another process (or zarr's own fs instance) may have written
     if not fs.exists(root):
         return []
     out = []
