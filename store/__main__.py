@@ -3,7 +3,8 @@
     python -m store inspect s3://bucket/run/scores
     python -m store export  ./run/scores --out kept/ --top-fraction 0.3
     python -m store export  ./run/scores --out kept/ --threshold 25
-    python -m store export  ./run/scores --out kept/ --by delta --baseline-step 2000 --top-fraction 0.3
+    python -m store export  ./run/scores --out kept/ --by delta --baseline-step 2000 \
+                            --top-fraction 0.3
 
 export writes scores.npy (N,) float16 (NaN = never scored), kept_ids.npy (int64,
 ascending), and with --by delta also delta.npy = baseline - scores (float32), the

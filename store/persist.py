@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from store.layout import Layout
@@ -74,7 +74,7 @@ def shard_crc32(values: np.ndarray, start: int, layout: Layout) -> dict[int, int
     out: dict[int, int] = {}
     for off in range(0, values.shape[0], layout.shard):
         out[(start + off) // layout.shard] = zlib.crc32(
-            np.ascontiguousarray(values[off:off + layout.shard]).view(np.uint8)
+            np.ascontiguousarray(values[off:off + layout.shard]).data
         )
     return out
 
@@ -127,7 +127,9 @@ def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
     """Rank 0 only, after every rank wrote: publish the snapshot."""
     if sorted(crcs) != list(range(layout.num_shards)):
         missing = sorted(set(range(layout.num_shards)) - set(crcs))
-        raise SnapshotError(f"{url}: step {step} not committed: shards {missing[:10]} were not written")
+        raise SnapshotError(
+            f"{url}: step {step} not committed: shards {missing[:10]} were not written"
+        )
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -195,7 +197,8 @@ def read_commit(url: str, step: int | None = None, *,
         raise SnapshotError(f"{url}: commit record of step {step} is unreadable: {e}") from e
     if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
         raise SnapshotError(
-            f"{url}: step {step} is format {record.get('format')!r} v{record.get('format_version')}, "
+            f"{url}: step {step} is format {record.get('format')!r} "
+            f"v{record.get('format_version')}, "
             f"this reader understands {FORMAT!r} v{FORMAT_VERSION}"
         )
     return record
@@ -224,7 +227,7 @@ def read_range(url: str, record: dict[str, Any], lo: int, hi: int, *,
     a = lo // saved.shard * saved.shard  # shard-aligned superset [a, b)
     b = min(-(-hi // saved.shard) * saved.shard, saved.n)
     try:
-        block = arr[a:b]
+        block = np.asarray(arr[a:b], dtype=np.float16)
     except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors on bad crc32c
         raise SnapshotError(
             f"{url}: step {step}: ids [{a}, {b}) cannot be decoded ({type(e).__name__}: {e}); "
@@ -237,7 +240,7 @@ def read_range(url: str, record: dict[str, Any], lo: int, hi: int, *,
             f"{url}: step {step}: shards {bad[:10]} do not match their commit checksum "
             "(damaged or missing objects); restore the snapshot or load an earlier step"
         )
-    return np.asarray(block[lo - a:hi - a])
+    return block[lo - a:hi - a]
 
 
 def check_expected(url: str, record: dict[str, Any], n: int | None) -> None:
@@ -247,7 +250,9 @@ def check_expected(url: str, record: dict[str, Any], n: int | None) -> None:
             f"N={n}: it belongs to another dataset/manifest; point to the right snapshot"
         )
     if record["dtype"] != "float16":
-        raise SnapshotError(f"{url}: step {record['step']} dtype {record['dtype']}, expected float16")
+        raise SnapshotError(
+            f"{url}: step {record['step']} dtype {record['dtype']}, expected float16"
+        )
 
 
 def merge_crcs(parts: Sequence[dict[int, int]]) -> dict[int, int]:

@@ -7,7 +7,7 @@ import pytest
 
 from store import ScoreStore, SnapshotError
 from tests.rank_pool import free_port
-from tests.store_model import gather_dense, rp_exchange_random, rp_load, rp_new_store, same_bits
+from tests.store_model import gather_dense, rp_exchange_random, rp_new_store, same_bits
 
 pytestmark = pytest.mark.s3
 
