@@ -27,7 +27,7 @@ from store import persist
 def _load_all(url: str, step: int | None, opts: dict[str, Any] | None
               ) -> tuple[dict[str, Any], np.ndarray]:
     record = persist.read_commit(url, step, storage_options=opts)
-    return record, persist.read_range(url, record, 0, record["n"], storage_options=opts)
+    return record, persist.read_all(url, record, storage_options=opts)
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:

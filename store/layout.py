@@ -92,8 +92,11 @@ class Layout:
     def shards_of(self, rank: int) -> range:
         """Indices of the shards that `rank` writes (all of them whole, except the
         final shard of the array, which is cut at N)."""
-        lo, hi = self.range_of(rank)
-        if lo == hi:
+        return self.shards_of_range(*self.range_of(rank))
+
+    def shards_of_range(self, lo: int, hi: int) -> range:
+        """Indices of the shards that hold ids [lo, hi)."""
+        if lo >= hi:
             return range(0)
         return range(lo // self.shard, _ceil_div(hi, self.shard))
 

@@ -19,7 +19,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -118,7 +118,21 @@ def write_range(url: str, step: int, lo: int, values: np.ndarray, layout: Layout
         mode="r+", zarr_format=3,
     )
     arr[lo:lo + values.shape[0]] = values
+    fs, root = _url_to_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        # Durable before the commit: a power loss must not leave a commit record
+        # pointing at shards that were still in the page cache.
+        for s in layout.shards_of_range(lo, lo + values.shape[0]):
+            _fsync(f"{root}/{snapshot_name(step)}/{ARRAY}/c/{s}")
     return shard_crc32(values, lo, layout)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
@@ -204,14 +218,20 @@ def read_commit(url: str, step: int | None = None, *,
     return record
 
 
+# Shards decoded per read: bounds the transient host memory of a load to this many
+# shards (64 x 2 MiB by default) whatever the range size.
+READ_BLOCK_SHARDS = 64
+
+
 def read_range(url: str, record: dict[str, Any], lo: int, hi: int, *,
-               storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Values for ids [lo, hi) of a committed snapshot, every shard touched verified
-    against its commit crc32."""
+               storage_options: dict[str, Any] | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (offset from lo, values) blocks covering ids [lo, hi) of a committed
+    snapshot, in order; every shard touched is verified against its commit crc32."""
     saved = Layout.from_dict(record["layout"])
     step = record["step"]
     if hi <= lo:
-        return np.empty((0,), dtype=np.float16)
+        return
     try:
         arr = zarr.open_array(
             store=_zarr_store(url, step, storage_options, read_only=True),
@@ -224,23 +244,36 @@ def read_range(url: str, record: dict[str, Any], lo: int, hi: int, *,
             f"{url}: step {step}: array is {arr.shape} {arr.dtype}, commit record says "
             f"({record['n']},) float16: the snapshot is damaged"
         )
-    a = lo // saved.shard * saved.shard  # shard-aligned superset [a, b)
-    b = min(-(-hi // saved.shard) * saved.shard, saved.n)
-    try:
-        block = np.asarray(arr[a:b], dtype=np.float16)
-    except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors on bad crc32c
-        raise SnapshotError(
-            f"{url}: step {step}: ids [{a}, {b}) cannot be decoded ({type(e).__name__}: {e}); "
-            "a chunk is corrupted: restore the snapshot from a copy or load an earlier step"
-        ) from e
-    got = shard_crc32(block, a, saved)
-    bad = [s for s, c in got.items() if c != record["shard_crc32"][s]]
-    if bad:
-        raise SnapshotError(
-            f"{url}: step {step}: shards {bad[:10]} do not match their commit checksum "
-            "(damaged or missing objects); restore the snapshot or load an earlier step"
-        )
-    return block[lo - a:hi - a]
+    first = lo // saved.shard * saved.shard  # shard-aligned superset of [lo, hi)
+    stop = min(-(-hi // saved.shard) * saved.shard, saved.n)
+    for a in range(first, stop, READ_BLOCK_SHARDS * saved.shard):
+        b = min(a + READ_BLOCK_SHARDS * saved.shard, stop)
+        try:
+            block = np.asarray(arr[a:b], dtype=np.float16)
+        except Exception as e:  # noqa: BLE001 - zarr raises codec errors on a bad crc32c
+            raise SnapshotError(
+                f"{url}: step {step}: ids [{a}, {b}) cannot be decoded "
+                f"({type(e).__name__}: {e}); a chunk is corrupted: restore the snapshot "
+                "from a copy or load an earlier step"
+            ) from e
+        bad = [s for s, c in shard_crc32(block, a, saved).items()
+               if c != record["shard_crc32"][s]]
+        if bad:
+            raise SnapshotError(
+                f"{url}: step {step}: shards {bad[:10]} do not match their commit checksum "
+                "(damaged or missing objects); restore the snapshot or load an earlier step"
+            )
+        cut_lo, cut_hi = max(lo, a), min(hi, b)
+        yield cut_lo - lo, block[cut_lo - a:cut_hi - a]
+
+
+def read_all(url: str, record: dict[str, Any], *,
+             storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """The whole (N,) float16 array of a committed snapshot, verified."""
+    out = np.empty(record["n"], dtype=np.float16)
+    for off, block in read_range(url, record, 0, record["n"], storage_options=storage_options):
+        out[off:off + block.shape[0]] = block
+    return out
 
 
 def check_expected(url: str, record: dict[str, Any], n: int | None) -> None:

@@ -249,9 +249,9 @@ class ScoreStore:
                     shard_target=shard_target)
         err = None
         try:
-            values = persist.read_range(url, record, store.lo, store.hi,
-                                        storage_options=storage_options)
-            store.values.copy_(torch.from_numpy(values))
+            for off, block in persist.read_range(url, record, store.lo, store.hi,
+                                                 storage_options=storage_options):
+                store.values[off:off + block.shape[0]].copy_(torch.from_numpy(block))
         except persist.SnapshotError as e:
             err = str(e)
         errors = [e for e in comm.all_gather_object(err) if e is not None]
