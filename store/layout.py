@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-# 2**16 fp16 values = 128 KiB per inner chunk: big enough to compress well, small
-# enough that a partial read decodes little. 2**20 per shard = 2 MiB per object.
-DEFAULT_CHUNK = 1 << 16
-DEFAULT_SHARD = 1 << 20
+# 2**20 fp16 values = 2 MiB per inner chunk, 2**22 = 8 MiB per shard object. The store
+# reads and writes whole ranks' ranges, never single values, so big chunks cost nothing
+# on reads and keep Zarr's per-chunk overhead small on writes (measured: 2**16-value
+# chunks save at ~2/3 the speed of 2**20-value ones). Ranges are balanced to within
+# one shard (4M samples) per rank.
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_SHARD = 1 << 22
 
 
 def _ceil_div(a: int, b: int) -> int:
