@@ -94,26 +94,35 @@ class ScoreStore:
         # ids < 2**53 travel exactly as float64, so one message carries both columns.
         payload = torch.stack([ids[order].double(), curr[order].double()], dim=1)
         recv = self.comm.all_to_all(payload, send_splits, recv_splits)  # (R, 2)
-        local = recv[:, 0].long() - self.lo
-        old = self.values[local].float()
-        self._apply(local, old, recv[:, 1].float(), rule)
+        old = self._read_and_update(recv[:, 0].long() - self.lo, recv[:, 1].float(), rule)
 
         back = self.comm.all_to_all(old, recv_splits, send_splits)  # (b,)
         hist = torch.empty_like(back)
         hist[order] = back
         return hist
 
-    def _apply(
-        self, local: torch.Tensor, old: torch.Tensor, curr: torch.Tensor, rule: UpdateRule
-    ) -> None:
-        new = rule.apply(old, curr)
-        if new is None or local.numel() == 0:
-            return
-        # Last occurrence wins; rows arrive in global (rank, position) order.
-        uniq, inverse = torch.unique(local, return_inverse=True)
-        pos = torch.arange(local.numel(), device=local.device)
-        last = torch.full_like(uniq, -1).scatter_reduce_(0, inverse, pos, reduce="amax")
-        self.values[uniq] = new[last].to(STORE_DTYPE)
+    def _read_and_update(
+        self, local: torch.Tensor, curr: torch.Tensor, rule: UpdateRule
+    ) -> torch.Tensor:
+        """Old values (R,) fp32 for the received rows; applies `rule` once per distinct
+        id, with the last occurrence's score (rows arrive in global (rank, position)
+        order). Reads and writes go through the sorted distinct ids: ascending
+        addresses are kinder to caches and TLB than the batch's random order."""
+        if local.numel() == 0:
+            return curr.new_empty((0,))
+        uniq, inverse = torch.unique(local, sorted=True, return_inverse=True)  # (U,), (R,)
+        old_u = self.values[uniq].float()
+        new = rule.apply(old_u, self._last_score(inverse, curr, uniq.numel()))
+        if new is not None:
+            self.values[uniq] = new.to(STORE_DTYPE)
+        return old_u[inverse]
+
+    @staticmethod
+    def _last_score(inverse: torch.Tensor, curr: torch.Tensor, u: int) -> torch.Tensor:
+        pos = torch.arange(inverse.numel(), device=inverse.device)
+        last = torch.full((u,), -1, dtype=pos.dtype, device=pos.device)
+        last.scatter_reduce_(0, inverse, pos, reduce="amax")
+        return curr[last]
 
     def _raise_on_bad_input(
         self,

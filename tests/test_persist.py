@@ -163,3 +163,31 @@ def test_any_id_range_reads_back_exactly_across_read_blocks(tmp_path: Path, monk
         for off, block in persist.read_range(str(tmp_path), record, int(lo), int(hi)):
             got[off:off + block.size] = block
         assert np.array_equal(_bits(got), _bits(want[lo:hi])), (lo, hi)
+
+
+@pytest.mark.parametrize("n,chunk,shard", [(5000, 128, 512), (1000, 64, 256), (7, 7, 7),
+                                           (4097, 1024, 4096)])
+def test_shards_are_byte_identical_to_zarrs_own_writer(tmp_path: Path, n: int, chunk: int,
+                                                       shard: int) -> None:
+    """Saves encode shards themselves (for speed); Zarr must not be able to tell."""
+    import zarr
+
+    from store import persist
+
+    s = ScoreStore(n, chunk_target=chunk, shard_target=shard)
+    g = torch.Generator().manual_seed(n)
+    s.values.copy_((25 + 4 * torch.randn(n, generator=g)).clamp(0, 100))
+    s.values[: n // 3] = float("nan")  # never-scored stretches, a whole NaN chunk among them
+    s.save(str(tmp_path / "ours"), 1)
+    persist.prepare(str(tmp_path / "zarr"), 1, s.layout, overwrite=False)
+    arr = zarr.open_array(store=persist._zarr_store(str(tmp_path / "zarr"), 1, None, False),
+                          mode="r+")
+    arr[:] = s.local_numpy()
+    ours = tmp_path / "ours" / "step-000000000001" / "scores" / "c"
+    theirs = tmp_path / "zarr" / "step-000000000001" / "scores" / "c"
+    names = sorted(p.name for p in theirs.iterdir())
+    assert names == sorted(p.name for p in ours.iterdir())
+    # Wholly never-scored shards are not stored, by Zarr or by us.
+    assert len(names) == s.layout.num_shards - (n // 3) // shard
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
