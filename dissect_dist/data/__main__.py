@@ -1,0 +1,80 @@
+"""python -m dissect_dist.data COMMAND ...
+
+    manifest URLS... --out manifest.json [--from tar|stats]
+        Build the manifest (shard -> sample count) from tar headers or img2dataset's
+        *_stats.json. URLS may be paths, fsspec URLs, or brace patterns
+        ("s3://b/shards/{00000..00999}.tar").
+    fashion-mnist --out DIR --noise 0.4 [--subset N] [--seed S]
+    icons --out DIR --noise 0.4 [--heldout 0.1] [--seed S]
+    folder --images DIR --captions FILE.csv|.tsv --out DIR [--img-key filepath --caption-key title]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dissect_dist.data import builders
+from dissect_dist.data.manifest import Manifest, ManifestError, expand_urls
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dissect_dist.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("manifest")
+    m.add_argument("urls", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--from", dest="source", choices=["tar", "stats"], default="tar")
+    f = sub.add_parser("fashion-mnist")
+    f.add_argument("--out", required=True)
+    f.add_argument("--noise", type=float, default=0.4)
+    f.add_argument("--subset", type=int, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--shard-size", type=int, default=1000)
+    f.add_argument("--source", default=builders.FASHION_MNIST_DIR)
+    i = sub.add_parser("icons")
+    i.add_argument("--out", required=True)
+    i.add_argument("--noise", type=float, default=0.4)
+    i.add_argument("--heldout", type=float, default=0.1)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--size", type=int, default=32)
+    i.add_argument("--shard-size", type=int, default=1000)
+    d = sub.add_parser("folder")
+    d.add_argument("--images", required=True)
+    d.add_argument("--captions", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--sep", default=None)
+    d.add_argument("--img-key", default="filepath")
+    d.add_argument("--caption-key", default="title")
+    d.add_argument("--shard-size", type=int, default=1000)
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "manifest":
+            urls = [u for spec in a.urls for u in expand_urls(spec)]
+            man = (Manifest.from_tars(urls, progress=True) if a.source == "tar"
+                   else Manifest.from_stats(urls))
+            man.save(a.out)
+            res = {"shards": len(man.urls), "samples": man.total, "out": a.out}
+        elif a.cmd == "fashion-mnist":
+            res = builders.build_fashion_mnist(a.out, noise=a.noise, seed=a.seed,
+                                               subset=a.subset, shard_size=a.shard_size,
+                                               source=a.source)
+        elif a.cmd == "icons":
+            res = builders.build_icons(a.out, noise=a.noise, seed=a.seed, heldout=a.heldout,
+                                       size=a.size, shard_size=a.shard_size)
+        else:
+            res = builders.build_from_folder(a.out, images=a.images, captions=a.captions,
+                                             sep=a.sep, img_key=a.img_key,
+                                             caption_key=a.caption_key,
+                                             shard_size=a.shard_size)
+    except (ManifestError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The training data loader: (ids, images, texts) batches over WebDataset shards, in
+the deterministic order of `order.py`, resumable mid-epoch from a cursor.
+
+Workers only parallelise decoding: worker k of K decodes the rank's batches
+cursor+k, cursor+k+K, ... and torch's DataLoader hands them out round-robin, which
+is batch order. Reading goes through fsspec with a per-shard header index, so
+resuming (or skipping) touches tar headers only, never image bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dissect_dist.data.manifest import IMAGE_EXTS, Manifest, ManifestError, TarIndex, scan_tar
+from dissect_dist.data.order import OrderSpec, rank_batches, worker_batches
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+SKIP_REASONS = ("missing_image", "undecodable_image", "missing_caption", "empty_caption",
+                "truncated")
+
+
+@dataclasses.dataclass
+class Batch:
+    index: int  # batch number within the epoch, on this rank
+    ids: torch.Tensor  # (k,) int64 global sample ids, k <= batch_size (bad samples skipped)
+    images: torch.Tensor  # (k, C, H, W)
+    texts: Any  # tokenizer output for k captions (a (k, L) int64 tensor for open_clip)
+    captions: list[str]
+
+
+class ShardReader:
+    """Random access to samples of the manifest's shards (one per worker)."""
+
+    def __init__(self, manifest: Manifest, storage_options: dict[str, Any] | None = None,
+                 max_open: int = 8) -> None:
+        self.manifest = manifest
+        self.opts = storage_options or {}
+        self._index: dict[int, TarIndex] = {}
+        self._files: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.max_open = max_open
+
+    def _file(self, shard: int) -> Any:
+        f = self._files.get(shard)
+        if f is None:
+            fs, path = fsspec.core.url_to_fs(self.manifest.urls[shard], **self.opts)
+            f = fs.open(path, "rb")
+            self._files[shard] = f
+            if len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(shard)
+        return f
+
+    def index(self, shard: int) -> TarIndex:
+        idx = self._index.get(shard)
+        if idx is None:
+            url = self.manifest.urls[shard]
+            fs, path = fsspec.core.url_to_fs(url, **self.opts)
+            idx = scan_tar(self._file(shard), fs.size(path))
+            want = int(self.manifest.counts[shard])
+            found = len(idx.samples)
+            if found > want or (found < want and not idx.truncated):
+                raise ManifestError(
+                    f"manifest says {url} has {want} samples, found {found}: the shard changed "
+                    "after the manifest was built; rebuild it with "
+                    "`python -m dissect_dist.data manifest SHARDS --out MANIFEST`"
+                )
+            self._index[shard] = idx
+        return idx
+
+    def read(self, shard: int, pos: int) -> tuple[str, dict[str, bytes]] | tuple[str, str]:
+        """(key, {ext: bytes}) or ("", reason) when the sample cannot be read."""
+        idx = self.index(shard)
+        if pos >= len(idx.samples):
+            return "", "truncated"
+        s = idx.samples[pos]
+        f = self._file(shard)
+        out = {}
+        for ext, m in s.members.items():
+            f.seek(m.offset)
+            out[ext] = f.read(m.size)
+        return s.key, out
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], torch.Tensor]
+                  ) -> tuple[torch.Tensor, str] | str:
+    """(image tensor, caption) or the skip reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        return "missing_image"
+    if "txt" not in members:
+        return "missing_caption"
+    try:
+        caption = members["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "missing_caption"
+    if not caption:
+        return "empty_caption"
+    try:
+        with Image.open(io.BytesIO(members[ext])) as im:
+            im.load()
+            image = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return "undecodable_image"
+    return preprocess(image), caption
+
+
+class _EpochStream(IterableDataset):  # type: ignore[type-arg]
+    """What each DataLoader worker runs: its share of one rank's remaining batches."""
+
+    def __init__(self, manifest: Manifest, spec: OrderSpec, epoch: int, rank: int,
+                 cursor: int, preprocess: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[[list[str]], Any] | None,
+                 storage_options: dict[str, Any] | None) -> None:
+        self.manifest, self.spec, self.epoch, self.rank = manifest, spec, epoch, rank
+        self.cursor, self.preprocess, self.tokenizer = cursor, preprocess, tokenizer
+        self.opts = storage_options
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        k, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches = rank_batches(self.manifest.counts, self.spec, self.epoch, self.rank)
+        reader = ShardReader(self.manifest, self.opts)
+        try:
+            for j in worker_batches(batches.shape[0], self.cursor, k, n_workers):
+                yield self._make(j, batches[j], reader)
+        finally:
+            reader.close()
+
+    def _make(self, j: int, ids: np.ndarray, reader: ShardReader) -> dict[str, Any]:
+        shards, positions = self.manifest.locate(ids)
+        kept, images, captions, skipped = [], [], [], []
+        for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
+            key, got = reader.read(shard, pos)
+            if isinstance(got, str):
+                skipped.append((got, self.manifest.urls[shard], key or f"#{pos}"))
+                continue
+            res = decode_sample(got, self.preprocess)
+            if isinstance(res, str):
+                skipped.append((res, self.manifest.urls[shard], key))
+                continue
+            kept.append(sid)
+            images.append(res[0])
+            captions.append(res[1])
+        return {
+            "index": j,
+            "ids": torch.tensor(kept, dtype=torch.int64),
+            "images": torch.stack(images) if images else torch.empty(0),
+            "texts": self.tokenizer(captions) if (self.tokenizer and captions) else captions,
+            "captions": captions,
+            "skipped": skipped,
+        }
+
+
+class WebDatasetLoader:
+    """Stateful per-rank loader. Iterating yields the rest of the current epoch;
+    when an epoch is exhausted the next iteration starts the next epoch.
+
+    state_dict()/load_state_dict() carry (epoch, cursor): a resumed loader yields
+    exactly the batches an uninterrupted one would have yielded next.
+    """
+
+    def __init__(self, manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
+                 seed: int, preprocess: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[[list[str]], Any] | None = None, num_workers: int = 2,
+                 shuffle_window: int = 4, storage_options: dict[str, Any] | None = None
+                 ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: need >= 0")
+        self.manifest = manifest
+        self.rank = rank
+        self.spec = OrderSpec(seed=seed, world_size=world_size, batch_size=batch_size,
+                              window=shuffle_window)
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.num_workers = num_workers
+        self.opts = storage_options
+        self.epoch = 0
+        self.cursor = 0  # batches of this epoch already handed out
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self._logged: set[tuple[str, str]] = set()
+        if len(self) == 0:
+            raise ValueError(
+                f"{manifest.total} samples cannot fill one global batch of "
+                f"{world_size} x {batch_size}: lower batch_size or add data"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.manifest.total // (self.spec.world_size * self.spec.batch_size)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.manifest.total - len(self) * self.spec.world_size * self.spec.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.cursor >= len(self):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
+                              self.preprocess, self.tokenizer, self.opts)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_identity)
+        for item in loader:
+            if item["index"] != self.cursor:  # the order contract, checked on every batch
+                raise RuntimeError(f"loader produced batch {item['index']}, expected {self.cursor}")
+            self._account(item["skipped"])
+            self.cursor += 1
+            yield Batch(item["index"], item["ids"], item["images"], item["texts"],
+                        item["captions"])
+
+    def _account(self, skipped: list[tuple[str, str, str]]) -> None:
+        for reason, shard, key in skipped:
+            self.skipped[reason] += 1
+            if (shard, key) not in self._logged:
+                self._logged.add((shard, key))
+                log.warning("skipped sample %s in %s: %s", key, shard, reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "cursor": self.cursor,
+            "seed": self.spec.seed, "world_size": self.spec.world_size,
+            "batch_size": self.spec.batch_size, "window": self.spec.window,
+            "batches_per_epoch": len(self), "manifest": self.manifest.fingerprint(),
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data cursor version {sd.get('version')}, expected {STATE_VERSION}")
+        if sd["manifest"] != self.manifest.fingerprint():
+            raise ValueError(
+                "checkpoint's data cursor belongs to another manifest (fingerprint "
+                f"{sd['manifest']} vs {self.manifest.fingerprint()}): resume with the manifest "
+                "the run started with"
+            )
+        mine = (self.spec.seed, self.spec.world_size, self.spec.batch_size, self.spec.window)
+        theirs = (sd["seed"], sd["world_size"], sd["batch_size"], sd["window"])
+        epoch, cursor = sd["epoch"], sd["cursor"]
+        if mine != theirs:
+            if cursor >= sd["batches_per_epoch"]:
+                epoch, cursor = epoch + 1, 0  # that epoch was complete: start the next anew
+            elif cursor > 0:
+                raise ValueError(
+                    f"checkpoint was taken mid-epoch (epoch {epoch}, batch {cursor}) with "
+                    f"seed/world_size/batch_size/window {theirs}; this run has {mine}. The rest "
+                    "of that epoch's order depends on them: resume with the same values, or "
+                    "from a checkpoint at an epoch boundary"
+                )
+        self.epoch, self.cursor = epoch, cursor
+        self.skipped = collections.Counter(sd.get("skipped", {}))
+
+
+def _identity(x: Any) -> Any:
+    return x

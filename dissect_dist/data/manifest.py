@@ -1,0 +1,202 @@
+"""The manifest: shard URL -> sample count, giving every sample the dense id
+offset[shard] + position in shard. Built once (from tar headers, or from img2dataset's
+*_stats.json), stored as JSON beside the shards, checked against each shard on read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
+
+import fsspec
+import numpy as np
+
+FORMAT = "dissect-dist/manifest"
+VERSION = 1
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# webdataset's key/extension split: key = dirname + basename up to the first dot.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+
+class ManifestError(ValueError):
+    """The manifest is unreadable or disagrees with the shards."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Member:
+    offset: int  # byte offset of the data in the tar
+    size: int
+
+
+@dataclasses.dataclass(slots=True)
+class TarSample:
+    key: str
+    members: dict[str, Member]
+
+
+@dataclasses.dataclass(slots=True)
+class TarIndex:
+    """Samples of one shard, from its headers only. `truncated` is set when the file
+    ends inside a header or a member's data (a partial download or copy)."""
+
+    samples: list[TarSample]
+    truncated: bool
+
+
+def scan_tar(fileobj: BinaryIO, file_size: int) -> TarIndex:
+    """Index a WebDataset tar by reading its headers; member data is seeked over."""
+    samples: list[TarSample] = []
+    truncated = False
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+            while True:
+                info = tf.next()
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > file_size:
+                    truncated = True
+                    break
+                m = _KEY_EXT.match(info.name)
+                if m is None:
+                    continue
+                key, ext = m.group(1), m.group(2).lower()
+                if not samples or samples[-1].key != key:
+                    samples.append(TarSample(key, {}))
+                samples[-1].members[ext] = Member(info.offset_data, info.size)
+    except tarfile.ReadError:
+        truncated = True  # unexpected end of data, or garbage where a header should be
+    return TarIndex(samples, truncated)
+
+
+def index_shard(url: str, storage_options: dict[str, Any] | None = None) -> TarIndex:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    size = fs.size(path)
+    with fs.open(path, "rb") as f:
+        return scan_tar(f, size)
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """A list of URLs, or one string with {000..123} brace ranges (webdataset style)."""
+    if not isinstance(spec, str):
+        return list(spec)
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m is None:
+        return [spec]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(expand_urls(spec[: m.start()] + f"{i:0{width}d}" + spec[m.end():]))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    urls: tuple[str, ...]
+    counts: np.ndarray  # (S,) int64
+
+    def __post_init__(self) -> None:
+        if len(self.urls) != self.counts.shape[0]:
+            raise ManifestError(f"{len(self.urls)} shard URLs but {self.counts.shape[0]} counts")
+        if len(self.urls) == 0:
+            raise ManifestError("manifest lists no shards")
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, position in shard) of each global id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.total):
+            raise ManifestError(f"sample id outside [0, {self.total})")
+        shard = np.searchsorted(np.cumsum(self.counts), ids, side="right")
+        return shard, ids - self.offsets[shard]
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for u, c in zip(self.urls, self.counts.tolist()):
+            h.update(f"{posixpath.basename(u)}:{c}\n".encode())
+        return h.hexdigest()[:16]
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_tars(cls, urls: Sequence[str], storage_options: dict[str, Any] | None = None,
+                  progress: bool = False) -> Manifest:
+        counts = []
+        for i, url in enumerate(urls):
+            idx = index_shard(url, storage_options)
+            if idx.truncated:
+                raise ManifestError(
+                    f"{url} is truncated (the file ends inside a tar member); re-download or "
+                    "re-create the shard before building the manifest"
+                )
+            counts.append(len(idx.samples))
+            if progress and (i + 1) % 100 == 0:
+                print(f"[manifest] {i + 1}/{len(urls)} shards indexed", flush=True)
+        return cls(tuple(urls), np.asarray(counts, dtype=np.int64))
+
+    @classmethod
+    def from_stats(cls, urls: Sequence[str], storage_options: dict[str, Any] | None = None
+                   ) -> Manifest:
+        """From img2dataset's per-shard `<shard>_stats.json` ("successes" = samples)."""
+        counts = []
+        for url in urls:
+            stats = re.sub(r"\.tar$", "_stats.json", url)
+            fs, path = fsspec.core.url_to_fs(stats, **(storage_options or {}))
+            if not fs.exists(path):
+                raise ManifestError(f"{stats} not found: build the manifest from tar headers "
+                                    "instead (python -m dissect_dist.data manifest --from tar)")
+            counts.append(int(json.loads(fs.cat_file(path))["successes"]))
+        return cls(tuple(urls), np.asarray(counts, dtype=np.int64))
+
+    # ---------------------------------------------------------------- storage
+    def save(self, path: str) -> None:
+        base = os.path.dirname(os.path.abspath(path)) if "://" not in path else None
+        shards = []
+        for u, c in zip(self.urls, self.counts.tolist()):
+            rel = os.path.relpath(u, base) if base and "://" not in u and os.path.isabs(u) \
+                and os.path.abspath(u).startswith(base + os.sep) else u
+            shards.append({"url": rel, "samples": c})
+        doc = {"format": FORMAT, "version": VERSION, "total": self.total, "shards": shards}
+        with fsspec.open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> Manifest:
+        with fsspec.open(path, "r") as f:
+            try:
+                doc = json.load(f)
+            except ValueError as e:
+                raise ManifestError(f"{path}: not a JSON manifest ({e})") from e
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise ManifestError(f"{path}: not a {FORMAT} v{VERSION} manifest")
+        base = os.path.dirname(os.path.abspath(path)) if "://" not in path else posixpath.dirname(path)
+        urls = []
+        for s in doc["shards"]:
+            u = s["url"]
+            if "://" not in u and not os.path.isabs(u):
+                u = os.path.join(base, u) if "://" not in base else posixpath.join(base, u)
+            urls.append(u)
+        m = cls(tuple(urls), np.asarray([s["samples"] for s in doc["shards"]], dtype=np.int64))
+        if m.total != doc["total"]:
+            raise ManifestError(f"{path}: shard counts sum to {m.total}, header says {doc['total']}")
+        return m
+
+
+def iter_samples(index: TarIndex) -> Iterator[TarSample]:
+    yield from index.samples
