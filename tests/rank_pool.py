@@ -59,7 +59,8 @@ class RankPool:
         self._procs = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, world_size, port, child), daemon=True)
+            # Not daemonic: ranks may start DataLoader worker processes of their own.
+            p = ctx.Process(target=_worker, args=(rank, world_size, port, child), daemon=False)
             p.start()
             self._conns.append(parent)
             self._procs.append(p)

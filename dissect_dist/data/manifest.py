@@ -61,10 +61,12 @@ def scan_tar(fileobj: BinaryIO, file_size: int) -> TarIndex:
                     break
                 if not info.isfile():
                     continue
+                m = _KEY_EXT.match(info.name)
                 if info.offset_data + info.size > file_size:
                     truncated = True
+                    if m is not None and samples and samples[-1].key == m.group(1):
+                        samples.pop()  # its cut member makes the whole sample unusable
                     break
-                m = _KEY_EXT.match(info.name)
                 if m is None:
                     continue
                 key, ext = m.group(1), m.group(2).lower()
@@ -185,16 +187,19 @@ class Manifest:
                 raise ManifestError(f"{path}: not a JSON manifest ({e})") from e
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise ManifestError(f"{path}: not a {FORMAT} v{VERSION} manifest")
-        base = os.path.dirname(os.path.abspath(path)) if "://" not in path else posixpath.dirname(path)
+        remote = "://" in path
+        base = posixpath.dirname(path) if remote else os.path.dirname(os.path.abspath(path))
         urls = []
         for s in doc["shards"]:
             u = s["url"]
             if "://" not in u and not os.path.isabs(u):
-                u = os.path.join(base, u) if "://" not in base else posixpath.join(base, u)
+                u = posixpath.join(base, u) if remote else os.path.join(base, u)
             urls.append(u)
         m = cls(tuple(urls), np.asarray([s["samples"] for s in doc["shards"]], dtype=np.int64))
         if m.total != doc["total"]:
-            raise ManifestError(f"{path}: shard counts sum to {m.total}, header says {doc['total']}")
+            raise ManifestError(
+                f"{path}: shard counts sum to {m.total}, header says {doc['total']}"
+            )
         return m
 
 
