@@ -10,7 +10,6 @@ import json
 import os
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -49,32 +48,104 @@ class TarIndex:
     truncated: bool
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as e:
+        raise _BadHeader(f"not an octal number: {text!r}") from e
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<value>\n" records)."""
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        length = int(data[pos:sp])
+        record = data[sp + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+        pos += length
+    return None
+
+
 def scan_tar(fileobj: BinaryIO, file_size: int) -> TarIndex:
-    """Index a WebDataset tar by reading its headers; member data is seeked over."""
+    """Index a WebDataset tar from its 512-byte headers only; member data is seeked
+    over. Handles ustar, GNU long names and pax path records. A file that ends inside
+    a header or a member, or holds garbage where a header should be, sets `truncated`
+    and keeps the samples before the last one seen (which may have lost members)."""
     samples: list[TarSample] = []
     truncated = False
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-            while True:
-                info = tf.next()
-                if info is None:
-                    break
-                if not info.isfile():
-                    continue
-                m = _KEY_EXT.match(info.name)
-                if info.offset_data + info.size > file_size:
-                    truncated = True
-                    if m is not None and samples and samples[-1].key == m.group(1):
-                        samples.pop()  # its cut member makes the whole sample unusable
-                    break
-                if m is None:
-                    continue
-                key, ext = m.group(1), m.group(2).lower()
-                if not samples or samples[-1].key != key:
-                    samples.append(TarSample(key, {}))
-                samples[-1].members[ext] = Member(info.offset_data, info.size)
-    except tarfile.ReadError:
-        truncated = True  # unexpected end of data, or garbage where a header should be
+    pos = 0
+    long_name: str | None = None
+    while True:
+        fileobj.seek(pos)
+        hdr = fileobj.read(_BLOCK)
+        if len(hdr) < _BLOCK:
+            truncated = True  # a whole tar ends with zero blocks, never mid-header
+            break
+        if hdr == _ZERO_BLOCK:
+            break  # end-of-archive marker
+        try:
+            stored = _octal(hdr[148:156])
+            if stored != sum(hdr[:148]) + 8 * 32 + sum(hdr[156:]):
+                raise _BadHeader("header checksum mismatch")
+            size = _octal(hdr[124:136])
+        except _BadHeader:
+            truncated = True
+            break
+        kind = hdr[156:157]
+        data_at = pos + _BLOCK
+        nxt = data_at + -(-size // _BLOCK) * _BLOCK
+        if kind in (b"L", b"x", b"g"):
+            if data_at + size > file_size:
+                truncated = True
+                break
+            fileobj.seek(data_at)
+            extra = fileobj.read(size)
+            if kind == b"L":
+                long_name = extra.split(b"\0", 1)[0].decode("utf-8", "replace")
+            elif kind == b"x":
+                long_name = _pax_path(extra) or long_name
+            pos = nxt
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if prefix:
+                    name = f"{prefix}/{name}"
+        pos = nxt
+        if kind not in (b"0", b"\0", b"7"):
+            continue  # directories, links, devices: not sample members
+        m = _KEY_EXT.match(name)
+        if data_at + size > file_size:
+            truncated = True
+            break
+        if m is None:
+            continue
+        key, ext = m.group(1), m.group(2).lower()
+        if not samples or samples[-1].key != key:
+            samples.append(TarSample(key, {}))
+        samples[-1].members[ext] = Member(data_at, size)
+    if truncated and samples:
+        # The last sample may be missing members that lay past the cut: unusable.
+        samples.pop()
     return TarIndex(samples, truncated)
 
 
