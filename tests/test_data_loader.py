@@ -161,3 +161,18 @@ def test_exactly_once_with_two_rank_processes_of_two_workers(tmp_path, pools):
     spec = OrderSpec(seed=7, world_size=2, batch_size=16, window=4)
     epoch = np.concatenate([rank_batches(m.counts, spec, 0, r).ravel() for r in (0, 1)])
     assert set(seen) == set(epoch.tolist()) - set(BAD)
+
+
+def test_shards_behind_an_fsspec_url_load_like_local_ones(clean):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    urls = []
+    for u in clean.urls:
+        dst = f"memory://loader-test/{Path(u).name}"
+        fs.pipe(dst, Path(u).read_bytes())
+        urls.append(dst)
+    remote = Manifest(tuple(urls), clean.counts)
+    assert Manifest.from_tars(urls).counts.tolist() == SIZES
+    # forked workers inherit the in-memory filesystem
+    assert _ids(_loader(remote, workers=2)) == _ids(_loader(clean, workers=0))
