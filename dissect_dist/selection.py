@@ -1,0 +1,250 @@
+"""Sample selection: one protocol, one registry, one ranking routine.
+
+A strategy turns a scored batch into one ranking key per sample (higher = keep);
+`Selector` ranks the keys over the global batch (or each rank's own batch) and
+returns this rank's keep mask. Ties (every key equal, e.g. first-sight δ = 0) are
+broken by a seeded random key from a generator that is checkpointed, so selection is
+deterministic and not biased toward low ids or low ranks.
+
+    strategy          key                                       store rule
+    full              (no ranking: everything kept, r = 1)       -
+    random            uniform random                             -
+    clipscore         curr                                       -
+    small_loss        -per-sample InfoNCE                        -
+    big_loss          +per-sample InfoNCE                        -
+    dissect_momentum  δ = hist - curr                            Momentum(β, first_sight)
+    dissect_warmup    epoch < T_w: random (or full)              Overwrite
+                      then (hist - mean hist) - (curr - mean curr) Frozen
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+from store import Frozen, Momentum, Overwrite, ScoreStore
+
+Scope = Literal["global", "local"]
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    ids: torch.Tensor  # (b,) int64 global sample ids
+    curr: torch.Tensor | None  # (b,) CLIPScore = max(100 cos, 0), None if not scored
+    per_sample_loss: torch.Tensor | None  # (b,) for the loss-based strategies
+    epoch: int
+
+
+@dataclasses.dataclass
+class Selection:
+    keep: torch.Tensor  # (b,) bool, this rank's rows to train on
+    key: torch.Tensor | None  # (b,) the ranking key (δ for dissect), for diagnostics
+    hist: torch.Tensor | None = None  # (b,) historical scores used, when any
+
+
+class Ranking:
+    """What a strategy may ask of the ranking context: scope-aware means and the
+    checkpointed random stream."""
+
+    def __init__(self, scope: Scope, world_size: int, generator: torch.Generator) -> None:
+        self.scope, self.world_size, self.generator = scope, world_size, generator
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over the ranked batch: the global batch (collective) or this rank's."""
+        s = torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)])
+        if self.scope == "global" and self.world_size > 1:
+            dist.all_reduce(s)
+        return s[0] / s[1].clamp(min=1)
+
+
+class Strategy(Protocol):
+    needs_scores: bool  # does the step run the no-grad scoring pass?
+    needs_loss: bool  # does it need the per-sample loss?
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
+        """Per-sample keys (collective for store-backed strategies), or None = keep all."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+class _Stateless:
+    needs_scores = False
+    needs_loss = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        return None
+
+
+class Full(_Stateless):
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
+        return None
+
+
+class RandomSel(_Stateless):
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+        # Drawn from the selection generator in the same order on every rank (see
+        # Selector), so this is "a random r% of the global batch".
+        return Selection(keep=torch.empty(0, dtype=torch.bool), key=None)
+
+
+class ClipScoreSel(_Stateless):
+    needs_scores = True
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+        assert batch.curr is not None
+        return Selection(torch.empty(0, dtype=torch.bool), batch.curr)
+
+
+class LossSel(_Stateless):
+    needs_scores = True
+    needs_loss = True
+
+    def __init__(self, sign: float) -> None:
+        self.sign = sign
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+        assert batch.per_sample_loss is not None
+        return Selection(torch.empty(0, dtype=torch.bool), self.sign * batch.per_sample_loss)
+
+
+class DissectMomentum(_Stateless):
+    """δ = hist - curr with temporal ensembling of hist (β). first_sight 'curr' gives a
+    new sample δ = 0; 'zero' reproduces the reference code's zero-initialised buffer
+    (δ = -curr in the first epoch, which keeps the lowest-scoring pairs)."""
+
+    needs_scores = True
+
+    def __init__(self, store: ScoreStore, beta: float, first_sight: Literal["curr", "zero"]):
+        self.store, self.rule = store, Momentum(beta=beta, first_sight=first_sight)
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+        assert batch.curr is not None
+        hist = self.store.exchange(batch.ids, batch.curr, self.rule)  # pre-update values
+        start = batch.curr if self.rule.first_sight == "curr" else torch.zeros_like(batch.curr)
+        hist = torch.where(torch.isnan(hist), start, hist)
+        return Selection(torch.empty(0, dtype=torch.bool), hist - batch.curr, hist)
+
+
+class DissectWarmup(_Stateless):
+    """Warm-up for `warmup_epochs` epochs on a random r% (or everything) while recording
+    hist := curr; then hist is frozen and δ = (hist - mean hist) - (curr - mean curr),
+    means over the ranked batch. A sample with no recorded score uses hist := curr."""
+
+    needs_scores = True
+
+    def __init__(self, store: ScoreStore, warmup_epochs: int,
+                 warmup_train: Literal["random", "full"]) -> None:
+        self.store, self.warmup_epochs, self.warmup_train = store, warmup_epochs, warmup_train
+
+    def in_warmup(self, epoch: int) -> bool:
+        return epoch < self.warmup_epochs
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
+        assert batch.curr is not None
+        if self.in_warmup(batch.epoch):
+            self.store.exchange(batch.ids, batch.curr, Overwrite())
+            if self.warmup_train == "full":
+                return None
+            return Selection(torch.empty(0, dtype=torch.bool), None)  # random r%
+        hist = self.store.exchange(batch.ids, batch.curr, Frozen())
+        hist = torch.where(torch.isnan(hist), batch.curr, hist)
+        delta = (hist - ranking.mean(hist)) - (batch.curr - ranking.mean(batch.curr))
+        return Selection(torch.empty(0, dtype=torch.bool), delta, hist)
+
+
+REGISTRY: dict[str, Callable[..., Strategy]] = {
+    "full": lambda **kw: Full(),
+    "random": lambda **kw: RandomSel(),
+    "clipscore": lambda **kw: ClipScoreSel(),
+    "small_loss": lambda **kw: LossSel(-1.0),
+    "big_loss": lambda **kw: LossSel(+1.0),
+    "dissect_momentum": lambda store, beta, first_sight, **kw: DissectMomentum(
+        store, beta, first_sight),
+    "dissect_warmup": lambda store, warmup_epochs, warmup_train, **kw: DissectWarmup(
+        store, warmup_epochs, warmup_train),
+}
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    if name not in REGISTRY:
+        raise ValueError(f"selection.strategy={name!r}: choose one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)
+
+
+class Selector:
+    """Ranks a strategy's keys and returns the keep mask of this rank's rows.
+
+    global scope: k = round(r * B) over the global batch B = sum of ranks' b; every
+    rank computes the identical top-k from all-gathered keys. local scope: k_r =
+    round(r * b_r) per rank (the reference code's behaviour)."""
+
+    def __init__(self, strategy: Strategy, ratio: float, scope: Scope, rank: int,
+                 world_size: int, seed: int) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"selection.ratio={ratio}: need 0 < r <= 1")
+        if scope not in ("global", "local"):
+            raise ValueError(f"selection.scope={scope!r}: use 'global' or 'local'")
+        self.strategy, self.ratio, self.scope = strategy, ratio, scope
+        self.rank, self.world_size = rank, world_size
+        # Global scope: one stream shared by all ranks (same seed, same draws).
+        # Local scope: a stream per rank.
+        self.generator = torch.Generator().manual_seed(
+            seed if scope == "global" else seed * 1_000_003 + rank)
+
+    def select(self, batch: ScoredBatch) -> Selection:
+        ranking = Ranking(self.scope, self.world_size, self.generator)
+        sel = self.strategy.keys(batch, ranking)
+        b = batch.ids.shape[0]
+        if sel is None:
+            return Selection(torch.ones(b, dtype=torch.bool, device=batch.ids.device), None)
+        key = sel.key
+        if self.scope == "global" and self.world_size > 1:
+            keys_all, counts = _gather_padded(
+                key if key is not None else torch.zeros(b, device=batch.ids.device),
+                self.world_size)
+            offset = sum(counts[: self.rank])
+        else:
+            keys_all = key if key is not None else torch.zeros(b, device=batch.ids.device)
+            counts, offset = [b], 0
+        total = int(sum(counts))
+        # One draw per ranked row, in the same order on every rank (global scope).
+        rnd = torch.rand(total, generator=self.generator).to(keys_all.device)
+        primary = rnd if key is None else keys_all.float()
+        k = int(round(self.ratio * total))
+        # Highest key first; ties in a random, seeded order.
+        order = torch.argsort(rnd)
+        order = order[torch.argsort(primary[order], descending=True, stable=True)]
+        keep_all = torch.zeros(total, dtype=torch.bool, device=keys_all.device)
+        keep_all[order[:k]] = True
+        return Selection(keep_all[offset:offset + b], key, sel.hist)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "strategy": self.strategy.state_dict(),
+                "ratio": self.ratio, "scope": self.scope}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.generator.set_state(sd["generator"])
+        self.strategy.load_state_dict(sd["strategy"])
+
+
+def _gather_padded(x: torch.Tensor, world_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Concatenation of every rank's 1-D x (lengths may differ), rank order."""
+    n = torch.tensor([x.numel()], device=x.device, dtype=torch.int64)
+    ns = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(ns, n)
+    counts = [int(v) for v in ns]  # CPU-GPU sync point
+    pad = x.new_zeros(max(counts))
+    pad[: x.numel()] = x
+    bufs = [torch.empty_like(pad) for _ in range(world_size)]
+    dist.all_gather(bufs, pad)
+    return torch.cat([bufs[r][: counts[r]] for r in range(world_size)]), counts
