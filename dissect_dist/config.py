@@ -1,0 +1,228 @@
+"""The run configuration: one dataclass per component, validated at construction,
+loaded from YAML plus `section.key=value` overrides. The DeepSpeed config is derived
+from it (one source of truth) unless the user passes --deepspeed_config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the run config; raised before any process group starts."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "tiny-vit-28"  # an open_clip model name, or one of dissect_dist/model_configs
+    pretrained: str | None = None  # an open_clip pretrained tag or a local checkpoint path
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        _check(self.precision in ("fp32", "bf16"), "model.precision", "use fp32 or bf16")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train_manifest: str = ""
+    batch_size: int = 64  # per rank, before selection
+    workers: int = 2
+    shuffle_window: int = 4
+    noise_ledger: str | None = None  # ids of corrupted pairs: evaluation only
+    zeroshot_dir: str | None = None  # a builder's output dir holding test/ and classes.json
+    retrieval_manifest: str | None = None  # held-out pairs for image<->text retrieval
+
+    def __post_init__(self) -> None:
+        _check(bool(self.train_manifest), "data.train_manifest",
+               "required: the manifest.json of the training shards")
+        _check(self.batch_size >= 1, "data.batch_size", f"{self.batch_size}: need >= 1")
+        _check(self.workers >= 0, "data.workers", f"{self.workers}: need >= 0")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SelectionConfig:
+    strategy: str = "dissect_momentum"
+    ratio: float = 0.3
+    scope: Literal["global", "local"] = "global"
+    beta: float = 0.9
+    first_sight: Literal["curr", "zero"] = "curr"
+    warmup_epochs: int = 1
+    warmup_train: Literal["random", "full"] = "random"
+
+    def __post_init__(self) -> None:
+        from dissect_dist.selection import REGISTRY
+
+        _check(self.strategy in REGISTRY, "selection.strategy",
+               f"{self.strategy!r}: choose one of {sorted(REGISTRY)}")
+        _check(0.0 < self.ratio <= 1.0, "selection.ratio", f"{self.ratio}: need 0 < r <= 1")
+        _check(self.scope in ("global", "local"), "selection.scope", "use global or local")
+        _check(0.0 <= self.beta < 1.0, "selection.beta", f"{self.beta}: need 0 <= beta < 1")
+        _check(self.first_sight in ("curr", "zero"), "selection.first_sight", "curr or zero")
+        _check(self.warmup_epochs >= 0, "selection.warmup_epochs", "need >= 0")
+        _check(self.warmup_train in ("random", "full"), "selection.warmup_train",
+               "random or full")
+        if self.strategy == "full":
+            self.ratio = 1.0
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"{self.lr}: need > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "need >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "need >= 0")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule", "cosine or constant")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (a smoke run); None = epochs * steps/epoch
+    seed: int = 0
+    zero_stage: int = 0
+    run_dir: str = "runs/default"
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # steps; 0 = only at the end
+    log_every: int = 10
+    record_samples: bool = False  # write each step's ids and keep mask per rank (audits, tests)
+    time_breakdown: bool = False  # time each phase of the step (adds device syncs on GPU)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"{self.epochs}: need >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "need >= 1")
+        _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "need >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "need >= 1")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig
+    selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.data.batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": self.train.zero_stage},
+            "bf16": {"enabled": self.model.precision == "bf16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.optim.grad_clip > 0:
+            cfg["gradient_clipping"] = self.optim.grad_clip
+        return cfg
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_CLASSES = {"model": ModelConfig, "data": DataConfig, "selection": SelectionConfig,
+            "optim": OptimConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    hints = typing.get_type_hints(_CLASSES[section])
+    t = hints[key]
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if value is None:
+        return None
+    if t is float or (origin is typing.Union and float in args):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    if t is int or (origin is typing.Union and int in args):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{section}.{key}: {value!r} is not an integer")
+    if t is str and not isinstance(value, str):
+        return str(value)
+    if origin is Literal and value not in args:
+        raise ConfigError(f"{section}.{key}: {value!r}, choose one of {list(args)}")
+    return value
+
+
+def build_config(doc: dict[str, Any]) -> RunConfig:
+    unknown = set(doc) - set(_CLASSES)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; "
+                          f"sections are {sorted(_CLASSES)}")
+    parts: dict[str, Any] = {}
+    for section, cls in _CLASSES.items():
+        values = doc.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - fields
+        if bad:
+            raise ConfigError(f"{section}.{sorted(bad)[0]}: unknown key; {section} keys are "
+                              f"{sorted(fields)}")
+        kwargs = {k: _coerce(section, k, v) for k, v in values.items()}
+        try:
+            parts[section] = cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{section}: {e}") from e
+    return RunConfig(**parts)
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings; values are parsed as YAML (numbers, null, lists)."""
+    doc = {k: dict(v or {}) for k, v in doc.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: write section.key=value, e.g. "
+                              "selection.ratio=0.5")
+        path, raw = item.split("=", 1)
+        section, key = path.split(".", 1)
+        doc.setdefault(section, {})[key] = yaml.safe_load(raw)
+    return doc
+
+
+def load_config(path: str | None, overrides: list[str]) -> RunConfig:
+    doc: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"--config {path}: no such file")
+        doc = yaml.safe_load(p.read_text()) or {}
+    return build_config(apply_overrides(doc, overrides))
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int) -> typing.Callable[[int], float]:
+    """Linear warm-up then cosine decay to 0 (or constant), as a LambdaLR factor."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

@@ -1,0 +1,288 @@
+"""The DISSect training loop.
+
+One step (DESIGN.md, "One training step"):
+  1. score:   no-grad forward of the whole local batch -> curr = max(100 cos, 0)
+  2. history: the strategy exchanges (ids, curr) with the score store -> hist
+  3. rank:    keys all-gathered, identical global top-k on every rank
+  4. train:   forward/backward on the kept rows; loss over the kept rows of ALL ranks
+  5. step:    engine.step(); logging, evaluation and checkpoints on their own cadence
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dissect_dist import checkpoint
+from dissect_dist import model as modellib
+from dissect_dist.config import RunConfig, lr_lambda
+from dissect_dist.data import Manifest, WebDatasetLoader
+from dissect_dist.evaluate import retrieval, zeroshot_accuracy
+from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
+from dissect_dist.metrics import MetricSink, auroc
+from dissect_dist.selection import ScoredBatch, Selector, build_strategy
+from store import ScoreStore, TorchDistributed
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, deepspeed_config: dict[str, Any] | None = None,
+                 resume: str | None = None) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = str(self.run_dir / "checkpoints")
+        self.model, pre_train, self.pre_eval, self.tokenizer = modellib.create(
+            cfg.model.name, cfg.model.pretrained)
+        self.manifest = Manifest.load(cfg.data.train_manifest)
+        self.loader = WebDatasetLoader(
+            self.manifest, rank=self.rank, world_size=self.world,
+            batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
+            tokenizer=self.tokenizer, num_workers=cfg.data.workers,
+            shuffle_window=cfg.data.shuffle_window)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.comm = TorchDistributed()
+        self.store = ScoreStore(self.manifest.total, self.comm, device=self.device)
+        self.selector = self._selector()
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        o = cfg.optim
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=opt, lr_scheduler=sched,
+            config=deepspeed_config or cfg.deepspeed_config())
+        self.dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+        self.noisy = self._ledger()
+        self.sink = MetricSink(str(self.run_dir), self.rank)
+        self.step = 0
+        self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
+        self._samples_file = None
+        if resume:
+            self._resume(resume)
+        if cfg.train.record_samples:
+            self._open_sample_record()
+
+    # ------------------------------------------------------------------ setup
+    def _selector(self) -> Selector:
+        s = self.cfg.selection
+        strategy = build_strategy(s.strategy, store=self.store, beta=s.beta,
+                                  first_sight=s.first_sight, warmup_epochs=s.warmup_epochs,
+                                  warmup_train=s.warmup_train)
+        return Selector(strategy, s.ratio, s.scope, self.rank, self.world, self.cfg.train.seed)
+
+    def _ledger(self) -> np.ndarray | None:
+        if not self.cfg.data.noise_ledger:
+            return None
+        noisy = np.zeros(self.manifest.total, dtype=bool)
+        noisy[np.load(self.cfg.data.noise_ledger)] = True
+        return noisy
+
+    # ------------------------------------------------------------------ the step
+    def _sync(self) -> None:
+        if self.cfg.train.time_breakdown and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        t = {"start": time.perf_counter()}
+        ids = batch.ids.to(self.device)
+        b = ids.shape[0]
+        images = batch.images.to(self.device, self.dtype) if b else batch.images
+        texts = batch.texts.to(self.device) if b else batch.texts
+        if b and self._dummy is None:
+            self._dummy = (images[:1].clone(), texts[:1].clone())
+        strat = self.selector.strategy
+        curr = loss_i = None
+        if strat.needs_scores:
+            self.engine.eval()
+            with torch.no_grad():
+                if b:
+                    fi, ft = modellib.encode(self.engine, images, texts)
+                else:
+                    fi = ft = torch.zeros(0, 1, device=self.device)
+                curr = modellib.clipscore(fi, ft) if b else torch.zeros(0, device=self.device)
+                if strat.needs_loss:
+                    loss_i = per_sample_loss(fi.float(), ft.float(),
+                                             self._logit_scale().float(), self.world)
+            self.engine.train()
+        self._sync()
+        t["score"] = time.perf_counter()
+        sel = self.selector.select(ScoredBatch(ids, curr, loss_i, self.loader.epoch))
+        keep = sel.keep
+        self._sync()
+        t["select"] = time.perf_counter()
+        assert self._dummy is not None, "the first batch of a rank had no decodable sample"
+        img, txt = modellib.encode_kept(self.engine, images, texts, keep, self._dummy)
+        loss = clip_loss(img, txt, self._logit_scale(), self.world)
+        self.engine.backward(scale_for_mean_reduce(loss, self.world))
+        self._sync()
+        t["fwd_bwd"] = time.perf_counter()
+        self.engine.step()
+        modellib.clamp_logit_scale(self.engine)
+        self._sync()
+        t["optim"] = time.perf_counter()
+        phases = ["start", "score", "select", "fwd_bwd", "optim"]
+        out = {"loss": float(loss.detach()), "b": b, "kept": int(keep.sum()),
+               "time": {k: t[k] - t[p] for p, k in zip(phases, phases[1:])}}
+        if self.noisy is not None:
+            ids_np = batch.ids.numpy()
+            kept_np = keep.cpu().numpy()
+            out["kept_clean"] = int((~self.noisy[ids_np[kept_np]]).sum())
+            if sel.key is not None:
+                self._epoch_keys.append((sel.key.float().cpu().numpy(), self.noisy[ids_np]))
+        if self._samples_file is not None:
+            self._samples_file.write(json.dumps({
+                "step": self.step, "epoch": self.loader.epoch, "ids": batch.ids.tolist(),
+                "keep": keep.cpu().tolist()}) + "\n")
+        return out
+
+    def _logit_scale(self) -> torch.Tensor:
+        return self.engine.module.logit_scale
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
+                   dynamic_ncols=True, desc=self.cfg.selection.strategy)
+        window: list[dict[str, Any]] = []
+        t_last = time.perf_counter()
+        while self.step < self.total_steps:
+            epoch = self.loader.epoch if self.loader.cursor < len(self.loader) \
+                else self.loader.epoch + 1
+            for batch in self.loader:
+                window.append(self.train_step(batch))
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                    t_now = time.perf_counter()
+                    self._log_window(window, t_now - t_last, bar)
+                    window, t_last = [], t_now
+                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                    self.evaluate()
+                if self.cfg.train.checkpoint_every and \
+                        self.step % self.cfg.train.checkpoint_every == 0:
+                    self.save()
+                if self.step >= self.total_steps:
+                    break
+            if self.loader.cursor >= len(self.loader):
+                self._end_of_epoch(epoch)
+        bar.close()
+        final = self.evaluate()
+        self.save()
+        return final
+
+    def _log_window(self, window: list[dict[str, Any]], seconds: float, bar: Any) -> None:
+        sums = torch.tensor([sum(w["b"] for w in window), sum(w["kept"] for w in window),
+                             sum(w.get("kept_clean", 0) for w in window)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        seen, kept, clean = sums.tolist()
+        vals: dict[str, Any] = {
+            "epoch": self.loader.epoch, "loss": window[-1]["loss"],
+            "kept_fraction": kept / max(seen, 1), "samples_per_s": seen / max(seconds, 1e-9),
+            "trained_per_s": kept / max(seconds, 1e-9),
+            "lr": self.engine.get_lr()[0], "logit_scale": float(self._logit_scale().detach().exp()),
+        }
+        if self.noisy is not None:
+            vals["kept_precision"] = clean / max(kept, 1)
+        for k in window[-1]["time"]:
+            vals[f"time_{k}_ms"] = 1e3 * float(np.mean([w["time"][k] for w in window]))
+        self.sink.log(self.step, "train", vals)
+        bar.set_postfix(samples_s=f"{vals['samples_per_s']:.0f}",
+                        kept=f"{vals['kept_fraction']:.2f}", loss=f"{vals['loss']:.3f}")
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        if self.noisy is None:
+            return
+        parts = self.comm.all_gather_object(self._epoch_keys)
+        self._epoch_keys = []
+        keys = [k for p in parts for k, _ in p]
+        if not keys:
+            return
+        key = np.concatenate(keys)
+        noisy = np.concatenate([n for p in parts for _, n in p])
+        self.sink.log(self.step, "epoch", {"epoch": epoch, "key_auroc_clean_vs_noisy":
+                                           auroc(key, ~noisy)})
+
+    def evaluate(self) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        if self.rank == 0:
+            self.engine.eval()
+            if self.cfg.data.zeroshot_dir:
+                res["zeroshot_acc"] = zeroshot_accuracy(
+                    self.engine, self.tokenizer, self.pre_eval, self.cfg.data.zeroshot_dir,
+                    self.device)
+            if self.cfg.data.retrieval_manifest:
+                res.update(retrieval(self.engine, self.tokenizer, self.pre_eval,
+                                     self.cfg.data.retrieval_manifest, self.device))
+            self.engine.train()
+            if res:
+                self.sink.log(self.step, "eval", res)
+        dist.barrier()
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rank_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "selector": self.selector.state_dict(),
+                "torch_rng": torch.get_rng_state(), "step": self.step,
+                "epoch_keys": self._epoch_keys}
+
+    def save(self) -> None:
+        checkpoint.save(self.ckpt_root, self.step, self.engine, self.store, self._rank_state(),
+                        {"config": self.cfg.to_dict()}, self.cfg.train.keep_checkpoints)
+
+    def _resume(self, resume: str) -> None:
+        tag = checkpoint.resolve(self.ckpt_root, resume)
+        if tag is None:
+            if self.rank == 0:
+                print(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
+            return
+        st = checkpoint.load_rank_state(self.ckpt_root, tag, self.rank, self.world)
+        if st["saved_world_size"] != self.world and self.cfg.selection.scope == "local":
+            raise RuntimeError(
+                f"checkpoint {tag} was saved by {st['saved_world_size']} ranks; with "
+                "selection.scope=local each rank has its own random stream, which cannot be "
+                "re-split: resume with the same world size")
+        self.loader.load_state_dict(st["loader"])  # refuses a mid-epoch change of world
+        self.selector.load_state_dict(st["selector"])
+        torch.set_rng_state(st["torch_rng"])
+        self._epoch_keys = st["epoch_keys"] if st["saved_world_size"] == self.world else []
+        self.step = st["step"]
+        self.engine.load_checkpoint(self.ckpt_root, tag=tag)
+        self.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
+                                     n=self.manifest.total, device=self.device)
+        for name in ("store",):
+            if hasattr(self.selector.strategy, name):
+                setattr(self.selector.strategy, name, self.store)
+        if self.rank == 0:
+            print(f"[train] resumed from {tag} (step {self.step}, epoch {self.loader.epoch}, "
+                  f"batch {self.loader.cursor})")
+
+    def _open_sample_record(self) -> None:
+        path = self.run_dir / f"samples-rank{self.rank}.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] < self.step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self._samples_file = open(path, "a", buffering=1)
+
+    def close(self) -> None:
+        self.sink.close()
+        if self._samples_file is not None:
+            self._samples_file.close()

@@ -1,0 +1,52 @@
+"""deepspeed launch/train.py --config launch/configs/<name>.yaml [section.key=value ...]
+
+parse -> init -> build -> train -> close. The config is validated before any process
+group starts; the DeepSpeed config is generated from it unless --deepspeed_config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dissect_dist.config import ConfigError, load_config  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default=None, help="run config YAML")
+    p.add_argument("--resume", default=None, help="'latest', or a checkpoint tag")
+    p.add_argument("--deepspeed_config", default=None, help="use this DeepSpeed JSON instead")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    ds_cfg = None
+    if args.deepspeed_config:
+        with open(args.deepspeed_config) as f:
+            ds_cfg = json.load(f)
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=None)
+    from dissect_dist.trainer import Trainer
+
+    trainer = Trainer(cfg, ds_cfg, resume=args.resume)
+    try:
+        final = trainer.train()
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(json.dumps({"final": final, "step": trainer.step}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
