@@ -276,6 +276,7 @@ class Trainer:
                   f"batch {self.loader.cursor})")
 
     def _open_sample_record(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / f"samples-rank{self.rank}.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [ln for ln in lines if json.loads(ln)["step"] < self.step]

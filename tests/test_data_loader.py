@@ -176,3 +176,17 @@ def test_shards_behind_an_fsspec_url_load_like_local_ones(clean):
     assert Manifest.from_tars(urls).counts.tolist() == SIZES
     # forked workers inherit the in-memory filesystem
     assert _ids(_loader(remote, workers=2)) == _ids(_loader(clean, workers=0))
+
+
+def test_random_augmentation_is_a_function_of_the_sample_not_the_worker(clean):
+    aug = T.Compose([T.RandomResizedCrop(8, scale=(0.3, 1.0)), T.ToTensor()])
+
+    def images(workers, cursor=0):
+        ld = WebDatasetLoader(clean, rank=0, world_size=1, batch_size=16, seed=7,
+                              preprocess=aug, num_workers=workers)
+        ld.cursor = cursor
+        return [b.images for b in ld]
+
+    a, b = images(0), images(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a[5:], images(2, cursor=5)))

@@ -153,6 +153,9 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             if isinstance(got, str):
                 skipped.append((got, self.manifest.urls[shard], key or f"#{pos}"))
                 continue
+            # Random augmentation as a pure function of (seed, epoch, sample id): the same
+            # whatever the worker count, and identical after a resume.
+            torch.manual_seed((self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
             res = decode_sample(got, self.preprocess)
             if isinstance(res, str):
                 skipped.append((res, self.manifest.urls[shard], key))

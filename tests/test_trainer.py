@@ -1,0 +1,147 @@
+"""The trainer through DeepSpeed's launcher on 2 CPU ranks (gloo): every strategy
+trains; a run killed with SIGKILL and resumed equals an uninterrupted one (samples,
+store, model); bad configs fail before any process group starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dissect_dist.data.builders import build_fashion_mnist
+from store import ScoreStore
+from tests.rank_pool import free_port
+
+pytestmark = [pytest.mark.multirank, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+DS = str(Path(sys.executable).parent / "deepspeed")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fmnist")
+    build_fashion_mnist(str(root), noise=0.4, seed=0, subset=640, shard_size=100)
+    return root
+
+
+def _args(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "launch" / "configs" / "tiny-cpu.yaml"),
+            f"data.train_manifest={data}/train/manifest.json",
+            f"data.noise_ledger={data}/train/noise_ledger.npy", "data.zeroshot_dir=null",
+            "data.batch_size=16", "data.workers=0", f"train.run_dir={run}",
+            "train.log_every=1", "optim.warmup_steps=2", *extra]
+
+
+def _launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
+    cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), *args]
+    return subprocess.Popen(cmd, env=ENV, cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _run(args: list[str], nproc: int = 2, timeout: int = 400) -> str:
+    p = _launch(args, nproc)
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-5000:]
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("strategy", ["full", "random", "clipscore", "small_loss", "big_loss",
+                                      "dissect_momentum", "dissect_warmup"])
+def test_every_strategy_trains_on_two_ranks(fmnist, tmp_path, strategy):
+    _run(_args(fmnist, tmp_path, f"selection.strategy={strategy}", "train.max_steps=3",
+               "selection.warmup_epochs=0"))
+    train = [m for m in _metrics(tmp_path) if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    want = 1.0 if strategy == "full" else 0.3
+    assert all(abs(m["kept_fraction"] - want) < 0.02 for m in train)  # round(r * 32) / 32
+    assert all(np.isfinite(m["loss"]) for m in train)
+    assert (tmp_path / "checkpoints" / "step-000000003" / "COMPLETE").exists()
+
+
+def _final_state(run: Path, step: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    tag = run / "checkpoints" / f"step-{step:09d}"
+    scores = ScoreStore.load(str(tag / "scores")).local_numpy()
+    model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    return scores, model["module"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fmnist, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("whole")
+    _run(_args(fmnist, run, *RESUME_RUN))
+    return run
+
+
+RESUME_RUN = ["selection.strategy=dissect_momentum", "train.max_steps=16",
+              "train.checkpoint_every=4", "train.record_samples=true", "train.epochs=2"]
+
+
+@pytest.mark.parametrize("when", ["during_checkpoint_write", "between_checkpoints"])
+def test_killed_run_resumes_to_the_uninterrupted_result(fmnist, uninterrupted, tmp_path, when):
+    run = tmp_path / "killed"
+    p = _launch(_args(fmnist, run, *RESUME_RUN))
+    ckpt = run / "checkpoints"
+    tag8 = ckpt / "step-000000008"
+    samples = run / "samples-rank0.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if when == "during_checkpoint_write" and tag8.exists():
+            assert not (tag8 / "COMPLETE").exists()  # caught while step 8 is being written
+            break
+        if when == "between_checkpoints" and samples.exists() and \
+                len(samples.read_text().splitlines()) >= 10:
+            break
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        time.sleep(0.005)
+    os.killpg(p.pid, signal.SIGKILL)  # kill -9 the launcher and both ranks
+    p.communicate()
+    latest = (ckpt / "latest").read_text()
+    if not (tag8 / "COMPLETE").exists():
+        assert latest == "step-000000004"  # a torn checkpoint is never "latest"
+    out = _run(_args(fmnist, run, *RESUME_RUN) + ["--resume", "latest"])
+    assert "resumed from step-00000000" in out
+
+    for r in (0, 1):
+        a = (uninterrupted / f"samples-rank{r}.jsonl").read_text().splitlines()
+        b = (run / f"samples-rank{r}.jsonl").read_text().splitlines()
+        assert len(a) == 16 and a == b  # same samples, same keep decisions, every step
+    sa, ma = _final_state(uninterrupted, 16)
+    sb, mb = _final_state(run, 16)
+    assert np.array_equal(sa.view(np.uint16), sb.view(np.uint16))  # same store, bit for bit
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k  # same model, bit for bit (CPU, fp32)
+
+
+def test_resume_mid_epoch_with_another_world_size_is_refused(fmnist, tmp_path):
+    common = ["train.max_steps=3", "train.checkpoint_every=3"]
+    _run(_args(fmnist, tmp_path, *common))
+    p = _launch(_args(fmnist, tmp_path, "train.max_steps=5") + ["--resume", "latest"], nproc=1)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "mid-epoch" in out and "resume with the same values" in out
+
+
+def test_bad_config_fails_before_any_process_group(tmp_path):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"),
+                        "--config", str(REPO / "launch" / "configs" / "tiny-cpu.yaml"),
+                        "selection.ratio=1.5"], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "config error: selection.ratio: 1.5: need 0 < r <= 1" in r.stderr
+    assert "init_distributed" not in r.stdout + r.stderr and time.time() - t0 < 60
