@@ -202,6 +202,8 @@ class Trainer:
         }
         if self.noisy is not None:
             vals["kept_precision"] = clean / max(kept, 1)
+        if self.device.type == "cuda":
+            vals["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for k in window[-1]["time"]:
             vals[f"time_{k}_ms"] = 1e3 * float(np.mean([w["time"][k] for w in window]))
         self.sink.log(self.step, "train", vals)
