@@ -73,7 +73,7 @@ def run(strategy: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
            f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
            f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
            f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
-           "train.epochs=100"]
+           "train.epochs=100", "train.zero_stage=1"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO),
                        env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep
