@@ -155,6 +155,10 @@ def _coerce(section: str, key: str, value: Any) -> Any:
     if t is float or (origin is typing.Union and float in args):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{section}.{key}: {value!r} is not a number") from e
     if t is int or (origin is typing.Union and int in args):
         if isinstance(value, float) and value.is_integer():
             return int(value)
