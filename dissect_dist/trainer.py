@@ -191,7 +191,8 @@ class Trainer:
 
     def _log_window(self, window: list[dict[str, Any]], seconds: float, bar: Any) -> None:
         sums = torch.tensor([sum(w["b"] for w in window), sum(w["kept"] for w in window),
-                             sum(w.get("kept_clean", 0) for w in window)], dtype=torch.float64)
+                             sum(w.get("kept_clean", 0) for w in window)], dtype=torch.float64,
+                            device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(sums)
         seen, kept, clean = sums.tolist()
         vals: dict[str, Any] = {
