@@ -72,6 +72,7 @@ class Trainer:
         self.noisy = self._ledger()
         self.sink = MetricSink(str(self.run_dir), self.rank)
         self.step = 0
+        self.trained_total = 0  # kept rows trained on, all ranks, whole run
         self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
         self._samples_file = None
@@ -195,7 +196,9 @@ class Trainer:
                             device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(sums)
         seen, kept, clean = sums.tolist()
+        self.trained_total += int(kept)
         vals: dict[str, Any] = {
+            "trained_total": self.trained_total,
             "epoch": self.loader.epoch, "loss": window[-1]["loss"],
             "kept_fraction": kept / max(seen, 1), "samples_per_s": seen / max(seconds, 1e-9),
             "trained_per_s": kept / max(seconds, 1e-9),
@@ -245,6 +248,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "selector": self.selector.state_dict(),
                 "torch_rng": torch.get_rng_state(), "step": self.step,
+                "trained_total": self.trained_total,
                 "epoch_keys": self._epoch_keys}
 
     def save(self) -> None:
@@ -268,6 +272,7 @@ class Trainer:
         torch.set_rng_state(st["torch_rng"])
         self._epoch_keys = st["epoch_keys"] if st["saved_world_size"] == self.world else []
         self.step = st["step"]
+        self.trained_total = st.get("trained_total", 0)
         self.engine.load_checkpoint(self.ckpt_root, tag=tag)
         self.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
                                      n=self.manifest.total, device=self.device)
