@@ -188,6 +188,8 @@ class Trainer:
         bar.close()
         final = self.evaluate()
         self.save()
+        if self.rank == 0:  # the trained model, loadable by open_clip.create_model(name, path)
+            modellib.export_open_clip(self.engine.module, str(self.run_dir / "open_clip_model.pt"))
         return final
 
     def _log_window(self, window: list[dict[str, Any]], seconds: float, bar: Any) -> None:
