@@ -100,8 +100,8 @@ def main() -> None:
         print(f"| {r['strategy']} | {r['zeroshot_acc']:.3f} | {r['kept_precision_mean']:.3f} / "
               f"{r['kept_precision_last']:.3f} | {au} | {r['steps']} | {r['samples_trained']} | "
               f"{r['wall_s']:.0f} |")
-    print("(δ AUROC: how well the ranking key separates clean (positive) from noisy pairs; "
-          "for random it is the AUROC of a random key)")
+    print("(δ AUROC: how well DISSect's key δ ranks clean pairs above noisy ones, per epoch; "
+          "0.5 = no signal, below 0.5 = inverted; random has no key)")
     _plot(res, out / "kept_precision.png", a)
     (out / "demo.json").write_text(json.dumps(res, indent=1))
     print(f"\nwrote {out / 'demo.json'} and {out / 'kept_precision.png'}")

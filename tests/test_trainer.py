@@ -145,3 +145,26 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     assert r.returncode == 2
     assert "config error: selection.ratio: 1.5: need 0 < r <= 1" in r.stderr
     assert "init_distributed" not in r.stdout + r.stderr and time.time() - t0 < 60
+
+
+def test_two_node_launch_with_no_ssh_trains_and_checkpoints(fmnist, tmp_path):
+    """Two `deepspeed --no_ssh --node_rank i` launchers on 127.0.0.1, as two nodes."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(REPO / "launch" / "train.py"),
+               *_args(fmnist, tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2")]
+        procs.append(subprocess.Popen(cmd, env=ENV, cwd=str(REPO), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    run = tmp_path / "run"
+    info = json.loads((run / "checkpoints" / "step-000000004" / "run.json").read_text())
+    assert info["world_size"] == 2
+    assert (run / "checkpoints" / "step-000000004" / "rank-00001.pt").exists()
+    assert [m["step"] for m in _metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
