@@ -102,10 +102,14 @@ class TrainConfig:
     run_dir: str = "runs/default"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    eval_every: int = 0  # steps; 0 = only at the end
+    eval_every: int = 0  # steps; 0 = only at the end; -1 = at the end of every epoch
     log_every: int = 10
     record_samples: bool = False  # write each step's ids and keep mask per rank (audits, tests)
     time_breakdown: bool = False  # time each phase of the step (adds device syncs on GPU)
+    # Score every batch even when the strategy does not need it, and log per epoch the mean
+    # CLIPScore of clean and of noisy pairs (needs data.noise_ledger): the memorisation
+    # diagnostic. Costs one no-grad forward per step for full/random.
+    diagnose_scores: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs}: need >= 1")
@@ -113,6 +117,8 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "need >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "need >= 1")
+        _check(self.eval_every >= -1, "train.eval_every", "steps >= 1, 0 (end only) or -1 "
+               "(every epoch)")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

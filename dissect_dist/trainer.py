@@ -75,6 +75,8 @@ class Trainer:
         self.trained_total = 0  # kept rows trained on, all ranks, whole run
         self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
+        # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
+        self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._samples_file = None
         if resume:
             self._resume(resume)
@@ -111,7 +113,7 @@ class Trainer:
             self._dummy = (images[:1].clone(), texts[:1].clone())
         strat = self.selector.strategy
         curr = loss_i = None
-        if strat.needs_scores:
+        if strat.needs_scores or self.cfg.train.diagnose_scores:
             self.engine.eval()
             with torch.no_grad():
                 if b:
@@ -125,6 +127,13 @@ class Trainer:
             self.engine.train()
         self._sync()
         t["score"] = time.perf_counter()
+        if self.noisy is not None and curr is not None and b:
+            noisy_b = torch.from_numpy(self.noisy[batch.ids.numpy()]).to(self.device)
+            c = curr.double()
+            self._score_sums += torch.stack([c[~noisy_b].sum(), (~noisy_b).sum().double(),
+                                             c[noisy_b].sum(), noisy_b.sum().double()])
+        if not strat.needs_scores:
+            curr = None  # scored for the diagnostic only: the strategy sees what it asked for
         sel = self.selector.select(ScoredBatch(ids, curr, loss_i, self.loader.epoch))
         keep = sel.keep
         self._sync()
@@ -176,7 +185,7 @@ class Trainer:
                     t_now = time.perf_counter()
                     self._log_window(window, t_now - t_last, bar)
                     window, t_last = [], t_now
-                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                if self.cfg.train.eval_every > 0 and self.step % self.cfg.train.eval_every == 0:
                     self.evaluate()
                 if self.cfg.train.checkpoint_every and \
                         self.step % self.cfg.train.checkpoint_every == 0:
@@ -221,15 +230,23 @@ class Trainer:
             return
         parts = self.comm.all_gather_object(self._epoch_keys)
         self._epoch_keys = []
+        sums = self._score_sums.clone()
+        dist.all_reduce(sums)
+        self._score_sums.zero_()
+        vals: dict[str, Any] = {"epoch": epoch}
         keys = [k for p in parts for k, _ in p]
-        if not keys:
-            return
-        key = np.concatenate(keys)
-        noisy = np.concatenate([n for p in parts for _, n in p])
-        self.sink.log(self.step, "epoch", {"epoch": epoch, "key_auroc_clean_vs_noisy":
-                                           auroc(key, ~noisy)})
+        if keys:
+            noisy = np.concatenate([n for p in parts for _, n in p])
+            vals["key_auroc_clean_vs_noisy"] = auroc(np.concatenate(keys), ~noisy)
+        s_clean, n_clean, s_noisy, n_noisy = sums.tolist()
+        if n_clean + n_noisy > 0:
+            vals["mean_score_clean"] = s_clean / max(n_clean, 1)
+            vals["mean_score_noisy"] = s_noisy / max(n_noisy, 1)
+        if self.cfg.train.eval_every == -1:  # evaluate at every epoch end
+            vals.update(self.evaluate(log=False))
+        self.sink.log(self.step, "epoch", vals)
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, log: bool = True) -> dict[str, Any]:
         res: dict[str, Any] = {}
         if self.rank == 0:
             self.engine.eval()
@@ -241,7 +258,7 @@ class Trainer:
                 res.update(retrieval(self.engine, self.tokenizer, self.pre_eval,
                                      self.cfg.data.retrieval_manifest, self.device))
             self.engine.train()
-            if res:
+            if res and log:
                 self.sink.log(self.step, "eval", res)
         dist.barrier()
         return res
@@ -251,7 +268,7 @@ class Trainer:
         return {"loader": self.loader.state_dict(), "selector": self.selector.state_dict(),
                 "torch_rng": torch.get_rng_state(), "step": self.step,
                 "trained_total": self.trained_total,
-                "epoch_keys": self._epoch_keys}
+                "epoch_keys": self._epoch_keys, "score_sums": self._score_sums.cpu()}
 
     def save(self) -> None:
         checkpoint.save(self.ckpt_root, self.step, self.engine, self.store, self._rank_state(),
@@ -272,7 +289,9 @@ class Trainer:
         self.loader.load_state_dict(st["loader"])  # refuses a mid-epoch change of world
         self.selector.load_state_dict(st["selector"])
         torch.set_rng_state(st["torch_rng"])
-        self._epoch_keys = st["epoch_keys"] if st["saved_world_size"] == self.world else []
+        if st["saved_world_size"] == self.world:
+            self._epoch_keys = st["epoch_keys"]
+            self._score_sums = st["score_sums"].to(self.device)
         self.step = st["step"]
         self.trained_total = st.get("trained_total", 0)
         self.engine.load_checkpoint(self.ckpt_root, tag=tag)

@@ -90,3 +90,21 @@ def test_folder_with_csv_becomes_shards(tmp_path: Path):
     with pytest.raises(ValueError, match="need columns 'filepath' and 'caption'"):
         build_from_folder(str(tmp_path / "o2"), images=str(tmp_path / "imgs"),
                           captions=str(tmp_path / "caps.csv"), caption_key="caption")
+
+
+def test_a_dataset_built_under_a_relative_path_loads_from_anywhere(tmp_path: Path, monkeypatch):
+    import os
+
+    from dissect_dist.data.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["folder", "--images", ".", "--captions", "caps.csv", "--out", "rel/out"]) == 1
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "caps.csv").write_text("filepath,title\na.png,a black square\n")
+    assert main(["folder", "--images", ".", "--captions", "caps.csv", "--out", "rel/out"]) == 0
+    os.chdir("/")
+    m = Manifest.load(str(tmp_path / "rel" / "out" / "manifest.json"))
+    assert [Path(u) for u in m.urls] == [tmp_path / "rel" / "out" / "shard-000000.tar"]
+    assert Manifest.from_tars(list(m.urls)).total == 1

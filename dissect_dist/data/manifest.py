@@ -242,9 +242,11 @@ class Manifest:
         base = os.path.dirname(os.path.abspath(path)) if "://" not in path else None
         shards = []
         for u, c in zip(self.urls, self.counts.tolist()):
-            rel = os.path.relpath(u, base) if base and "://" not in u and os.path.isabs(u) \
-                and os.path.abspath(u).startswith(base + os.sep) else u
-            shards.append({"url": rel, "samples": c})
+            if "://" not in u:
+                u = os.path.abspath(u)  # a relative path means relative to the cwd, here
+                if base and u.startswith(base + os.sep):
+                    u = os.path.relpath(u, base)  # stored relative to the manifest
+            shards.append({"url": u, "samples": c})
         doc = {"format": FORMAT, "version": VERSION, "total": self.total, "shards": shards}
         with fsspec.open(path, "w") as f:
             json.dump(doc, f, indent=1)
