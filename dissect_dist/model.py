@@ -54,7 +54,7 @@ def encode_kept(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tenso
     the forward on one dummy row and returns its features sliced to zero rows, so its
     backward reaches every parameter (with zero gradient) and the engine's gradient
     all-reduce matches the other ranks' (open_clip models cannot forward 0 rows)."""
-    if bool(keep.any()):
+    if bool(keep.any()):  # CPU-GPU sync point: the forward's shape depends on it
         return encode(model, images[keep], texts[keep])
     img, txt = encode(model, dummy[0], dummy[1])
     return img[:0], txt[:0]

@@ -47,11 +47,10 @@ class Selection:
 
 
 class Ranking:
-    """What a strategy may ask of the ranking context: scope-aware means and the
-    checkpointed random stream."""
+    """What a strategy may ask of the ranking context: scope-aware means."""
 
-    def __init__(self, scope: Scope, world_size: int, generator: torch.Generator) -> None:
-        self.scope, self.world_size, self.generator = scope, world_size, generator
+    def __init__(self, scope: Scope, world_size: int) -> None:
+        self.scope, self.world_size = scope, world_size
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over the ranked batch: the global batch (collective) or this rank's."""
@@ -202,7 +201,7 @@ class Selector:
             seed if scope == "global" else seed * 1_000_003 + rank)
 
     def select(self, batch: ScoredBatch) -> Selection:
-        ranking = Ranking(self.scope, self.world_size, self.generator)
+        ranking = Ranking(self.scope, self.world_size)
         sel = self.strategy.keys(batch, ranking)
         b = batch.ids.shape[0]
         if sel is None:

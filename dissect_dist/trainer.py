@@ -149,7 +149,8 @@ class Trainer:
         self._sync()
         t["optim"] = time.perf_counter()
         phases = ["start", "score", "select", "fwd_bwd", "optim"]
-        out = {"loss": float(loss.detach()), "b": b, "kept": int(keep.sum()),
+        # Tensors, not Python numbers: converted once per log window, not every step.
+        out = {"loss": loss.detach(), "b": b, "kept": keep.sum(),
                "time": {k: t[k] - t[p] for p, k in zip(phases, phases[1:])}}
         if self.noisy is not None:
             ids_np = batch.ids.numpy()
@@ -202,15 +203,19 @@ class Trainer:
         return final
 
     def _log_window(self, window: list[dict[str, Any]], seconds: float, bar: Any) -> None:
-        sums = torch.tensor([sum(w["b"] for w in window), sum(w["kept"] for w in window),
-                             sum(w.get("kept_clean", 0) for w in window)], dtype=torch.float64,
-                            device=self.device)  # NCCL reduces device tensors only
+        kept_t = torch.stack([w["kept"] for w in window]).sum().double()
+        sums = torch.stack([
+            torch.tensor(float(sum(w["b"] for w in window)), dtype=torch.float64,
+                         device=self.device),  # NCCL reduces device tensors only
+            kept_t.to(self.device),
+            torch.tensor(float(sum(w.get("kept_clean", 0) for w in window)),
+                         dtype=torch.float64, device=self.device)])
         dist.all_reduce(sums)
         seen, kept, clean = sums.tolist()
         self.trained_total += int(kept)
         vals: dict[str, Any] = {
             "trained_total": self.trained_total,
-            "epoch": self.loader.epoch, "loss": window[-1]["loss"],
+            "epoch": self.loader.epoch, "loss": float(window[-1]["loss"]),
             "kept_fraction": kept / max(seen, 1), "samples_per_s": seen / max(seconds, 1e-9),
             "trained_per_s": kept / max(seconds, 1e-9),
             "lr": self.engine.get_lr()[0], "logit_scale": float(self._logit_scale().detach().exp()),
@@ -297,9 +302,8 @@ class Trainer:
         self.engine.load_checkpoint(self.ckpt_root, tag=tag)
         self.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
                                      n=self.manifest.total, device=self.device)
-        for name in ("store",):
-            if hasattr(self.selector.strategy, name):
-                setattr(self.selector.strategy, name, self.store)
+        if hasattr(self.selector.strategy, "store"):  # store-backed strategies
+            self.selector.strategy.store = self.store
         if self.rank == 0:
             print(f"[train] resumed from {tag} (step {self.step}, epoch {self.loader.epoch}, "
                   f"batch {self.loader.cursor})")

@@ -10,7 +10,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import fsspec
@@ -175,12 +175,15 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 class Manifest:
     urls: tuple[str, ...]
     counts: np.ndarray  # (S,) int64
+    _ends: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.urls) != self.counts.shape[0]:
             raise ManifestError(f"{len(self.urls)} shard URLs but {self.counts.shape[0]} counts")
         if len(self.urls) == 0:
             raise ManifestError("manifest lists no shards")
+        # (S,) end id of each shard, for locate(); computed once, not per batch
+        object.__setattr__(self, "_ends", np.cumsum(self.counts).astype(np.int64))
 
     @property
     def total(self) -> int:
@@ -188,14 +191,14 @@ class Manifest:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        return np.concatenate([[0], self._ends[:-1]]).astype(np.int64)
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, position in shard) of each global id."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.total):
             raise ManifestError(f"sample id outside [0, {self.total})")
-        shard = np.searchsorted(np.cumsum(self.counts), ids, side="right")
+        shard = np.searchsorted(self._ends, ids, side="right")
         return shard, ids - self.offsets[shard]
 
     def fingerprint(self) -> str:
@@ -274,7 +277,3 @@ class Manifest:
                 f"{path}: shard counts sum to {m.total}, header says {doc['total']}"
             )
         return m
-
-
-def iter_samples(index: TarIndex) -> Iterator[TarSample]:
-    yield from index.samples
