@@ -1,5 +1,11 @@
 """Held-out evaluation: zero-shot classification (class names x templates) and
-image<->text retrieval R@1/5/10. Run on rank 0 over every sample of the eval set."""
+image<->text retrieval R@1/5/10.
+
+`EvalSet` decodes a held-out set once and keeps the preprocessed tensors in memory when
+they fit under `cache_bytes` (held-out sets are re-evaluated many times in a run; decoding
+dominates their cost), else it streams them from the shards each time. Zero-shot
+classification splits the set across ranks and sums the counts; retrieval needs every
+pair's features in one place and runs on the calling rank."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import torch
 from dissect_dist.data.loader import ShardReader, decode_sample
 from dissect_dist.data.manifest import Manifest
 from dissect_dist.model import encode
+
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
@@ -43,36 +51,83 @@ def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
         reader.close()
 
 
-@torch.no_grad()
-def zeroshot_accuracy(model: torch.nn.Module, tokenizer: Any, preprocess: Any, root: str,
-                      device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy on `root`/test with class embeddings averaged over templates."""
+class EvalSet:
+    """A held-out set as fixed batches, decoded once and kept if small enough."""
+
+    def __init__(self, manifest_path: str, preprocess: Callable[[Any], torch.Tensor],
+                 batch_size: int = 512, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.manifest = Manifest.load(manifest_path)
+        self.preprocess, self.batch_size = preprocess, batch_size
+        self.cache_bytes = cache_bytes
+        self._batches: list[tuple[torch.Tensor, list[str], list[dict]]] | None = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+        if self._batches is not None:
+            yield from self._batches
+            return
+        kept: list[tuple[torch.Tensor, list[str], list[dict]]] = []
+        fits = True
+        for batch in iter_eval(self.manifest, self.preprocess, self.batch_size):
+            if fits and not kept:  # size the whole set from its first batch
+                per_sample = batch[0].element_size() * batch[0][0].numel()
+                fits = per_sample * self.manifest.total <= self.cache_bytes
+            if fits:
+                kept.append(batch)
+            yield batch
+        if fits:
+            self._batches = kept
+
+    def shard(self, rank: int, world: int) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+        """This rank's batches: every world-th, starting at rank."""
+        for j, batch in enumerate(self):
+            if j % world == rank:
+                yield batch
+
+
+def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
+                  device: torch.device) -> torch.Tensor:
+    """(C, d) class embeddings: each class name in every template, averaged, normalised."""
     spec = json.loads((Path(root) / "classes.json").read_text())
-    texts = [[t.format(c) for t in spec["templates"]] for c in spec["classes"]]
     m = getattr(model, "module", model)
     cls = []
-    for group in texts:
+    for c in spec["classes"]:
+        group = [t.format(c) for t in spec["templates"]]
         f = m.encode_text(tokenizer(group).to(device), normalize=True).float().mean(0)
         cls.append(f / f.norm())
-    weights = torch.stack(cls)  # (C, d)
-    man = Manifest.load(str(Path(root) / "test" / "manifest.json"))
+    return torch.stack(cls)
+
+
+@torch.no_grad()
+def zeroshot_counts(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet, root: str,
+                    device: torch.device, rank: int = 0, world: int = 1) -> tuple[int, int]:
+    """(correct, total) over this rank's share of `root`/test; sum over ranks for the set."""
+    weights = class_weights(model, tokenizer, root, device)
+    m = getattr(model, "module", model)
     correct = total = 0
-    for images, _, metas in iter_eval(man, preprocess, batch_size):
+    for images, _, metas in evalset.shard(rank, world):
         f = m.encode_image(images.to(device), normalize=True).float()
         pred = (f @ weights.t()).argmax(-1).cpu()
         labels = torch.tensor([md["label"] for md in metas])
         correct += int((pred == labels).sum())
         total += labels.numel()
+    return correct, total
+
+
+def zeroshot_accuracy(model: torch.nn.Module, tokenizer: Any, preprocess: Any, root: str,
+                      device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy on `root`/test with class embeddings averaged over templates."""
+    evalset = EvalSet(str(Path(root) / "test" / "manifest.json"), preprocess, batch_size,
+                      cache_bytes=0)
+    correct, total = zeroshot_counts(model, tokenizer, evalset, root, device)
     return correct / max(total, 1)
 
 
 @torch.no_grad()
-def retrieval(model: torch.nn.Module, tokenizer: Any, preprocess: Any, manifest_path: str,
-              device: torch.device, batch_size: int = 512) -> dict[str, float]:
+def retrieval_on(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet,
+                 device: torch.device) -> dict[str, float]:
     """Image->text and text->image recall@1/5/10 over a held-out set of pairs."""
-    man = Manifest.load(manifest_path)
     fi, ft = [], []
-    for images, caps, _ in iter_eval(man, preprocess, batch_size):
+    for images, caps, _ in evalset:
         i, t = encode(model, images.to(device), tokenizer(caps).to(device))
         fi.append(i.float())
         ft.append(t.float())
@@ -85,3 +140,10 @@ def retrieval(model: torch.nn.Module, tokenizer: Any, preprocess: Any, manifest_
         for k in (1, 5, 10):
             out[f"{name}_R@{k}"] = float((rank < k).float().mean())
     return out
+
+
+def retrieval(model: torch.nn.Module, tokenizer: Any, preprocess: Any, manifest_path: str,
+              device: torch.device, batch_size: int = 512) -> dict[str, float]:
+    """Image->text and text->image recall@1/5/10 over a held-out set of pairs."""
+    return retrieval_on(model, tokenizer, EvalSet(manifest_path, preprocess, batch_size, 0),
+                        device)

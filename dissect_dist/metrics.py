@@ -27,6 +27,21 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def key_histogram(keys: np.ndarray, noisy: np.ndarray, bins: int = 40) -> dict[str, list]:
+    """Counts of the ranking key for clean and for noisy pairs over shared bins spanning the
+    0.5-99.5 percentiles (outliers land in the end bins): the δ histograms of a run."""
+    keys = np.asarray(keys, dtype=np.float64)
+    noisy = np.asarray(noisy, dtype=bool)
+    lo, hi = np.percentile(keys, [0.5, 99.5]) if keys.size else (0.0, 1.0)
+    if not hi > lo:
+        lo, hi = lo - 0.5, lo + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    clipped = np.clip(keys, lo, hi)
+    return {"edges": edges.tolist(),
+            "clean": np.histogram(clipped[~noisy], edges)[0].tolist(),
+            "noisy": np.histogram(clipped[noisy], edges)[0].tolist()}
+
+
 class MetricSink:
     """Writes metrics on rank 0; a no-op on every other rank."""
 

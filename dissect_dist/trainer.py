@@ -24,9 +24,9 @@ from dissect_dist import checkpoint
 from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig, lr_lambda
 from dissect_dist.data import Manifest, WebDatasetLoader
-from dissect_dist.evaluate import retrieval, zeroshot_accuracy
+from dissect_dist.evaluate import EvalSet, retrieval_on, zeroshot_counts
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
-from dissect_dist.metrics import MetricSink, auroc
+from dissect_dist.metrics import MetricSink, auroc, key_histogram
 from dissect_dist.selection import ScoredBatch, Selector, build_strategy
 from store import ScoreStore, TorchDistributed
 
@@ -78,6 +78,8 @@ class Trainer:
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._samples_file = None
+        self._zs_set: EvalSet | None = None
+        self._ret_set: EvalSet | None = None
         if resume:
             self._resume(resume)
         if cfg.train.record_samples:
@@ -242,7 +244,9 @@ class Trainer:
         keys = [k for p in parts for k, _ in p]
         if keys:
             noisy = np.concatenate([n for p in parts for _, n in p])
-            vals["key_auroc_clean_vs_noisy"] = auroc(np.concatenate(keys), ~noisy)
+            k = np.concatenate(keys)
+            vals["key_auroc_clean_vs_noisy"] = auroc(k, ~noisy)
+            vals["key_hist"] = key_histogram(k, noisy)
         s_clean, n_clean, s_noisy, n_noisy = sums.tolist()
         if n_clean + n_noisy > 0:
             vals["mean_score_clean"] = s_clean / max(n_clean, 1)
@@ -252,19 +256,29 @@ class Trainer:
         self.sink.log(self.step, "epoch", vals)
 
     def evaluate(self, log: bool = True) -> dict[str, Any]:
+        """Zero-shot accuracy (the test split shared by all ranks) and retrieval (rank 0);
+        the held-out sets are decoded once per run and kept in memory when small."""
         res: dict[str, Any] = {}
-        if self.rank == 0:
-            self.engine.eval()
-            if self.cfg.data.zeroshot_dir:
-                res["zeroshot_acc"] = zeroshot_accuracy(
-                    self.engine, self.tokenizer, self.pre_eval, self.cfg.data.zeroshot_dir,
-                    self.device)
-            if self.cfg.data.retrieval_manifest:
-                res.update(retrieval(self.engine, self.tokenizer, self.pre_eval,
-                                     self.cfg.data.retrieval_manifest, self.device))
-            self.engine.train()
-            if res and log:
-                self.sink.log(self.step, "eval", res)
+        self.engine.eval()
+        if self.cfg.data.zeroshot_dir:
+            root = self.cfg.data.zeroshot_dir
+            if self._zs_set is None:
+                self._zs_set = EvalSet(str(Path(root) / "test" / "manifest.json"),
+                                       self.pre_eval)
+            correct, total = zeroshot_counts(self.engine, self.tokenizer, self._zs_set, root,
+                                             self.device, self.rank, self.world)
+            counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts)
+            res["zeroshot_acc"] = float(counts[0] / counts[1].clamp(min=1))
+        if self.cfg.data.retrieval_manifest and self.rank == 0:
+            if self._ret_set is None:
+                self._ret_set = EvalSet(self.cfg.data.retrieval_manifest, self.pre_eval)
+            res.update(retrieval_on(self.engine, self.tokenizer, self._ret_set, self.device))
+        self.engine.train()
+        if self.rank != 0:
+            res = {}
+        elif res and log:
+            self.sink.log(self.step, "eval", res)
         dist.barrier()
         return res
 

@@ -1,0 +1,513 @@
+"""Selection quality under noisy correspondence: DISSect against its baselines on real data
+with a known fraction of swapped captions, in two regimes.
+
+    python benchmarks/noisy_correspondence.py                 # the full grid (resumable)
+    python benchmarks/noisy_correspondence.py --quick         # a <= 5 min smoke run
+    python benchmarks/noisy_correspondence.py --regime memorise --budget-min 60
+    python benchmarks/noisy_correspondence.py --report        # tables + plots from the JSON
+
+Every run goes through the real trainer (`deepspeed launch/train.py`, 2 CPU ranks, global
+ranking unless the row says local) with the same number of steps, so a selection run
+trains on r x the samples of the full-data run. Finished runs are kept in the results
+JSON (written after every run) and skipped on re-run, so the grid can be completed over
+several invocations; `--budget-min` stops starting new runs after that many minutes.
+Runs are ordered so that a partial grid is useful: the main table's first seed in every
+regime, then the other seeds, then the sweeps.
+
+Regimes (see REGIMES; benchmarks/README.md says how they were chosen and sized):
+  early     Fashion-MNIST, many pairs, few epochs: the model is still learning the clean
+            majority when training ends (the regime of the first pilot).
+  memorise  Fashion-MNIST, few pairs, many epochs, a constant learning rate: full-data
+            training fits the noisy pairs and held-out accuracy peaks, then falls.
+Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ALL = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect_momentum",
+       "dissect_warmup"]
+# Variant rows of the main table: (label, strategy, extra overrides)
+VARIANTS = [("dissect_momentum[first_sight=zero]", "dissect_momentum",
+             {"selection.first_sight": "zero"}),
+            ("dissect_momentum[local]", "dissect_momentum", {"selection.scope": "local"})]
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    name: str
+    subset: int  # training pairs drawn from Fashion-MNIST's 60k
+    model: str
+    batch_per_rank: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    eval_every_epochs: int
+    warmup_epochs: int  # T_w of dissect_warmup
+    seeds: tuple[int, ...] = (0, 1, 2)
+    noise: float = 0.4
+    ratio: float = 0.3
+    noise_sweep: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)
+    noise_sweep_strategies: tuple[str, ...] = ("full", "random", "clipscore", "dissect_momentum")
+    ratio_sweep: tuple[float, ...] = (0.3, 0.5, 0.7)
+    ratio_sweep_strategies: tuple[str, ...] = ("random", "dissect_momentum")
+    main_strategies: tuple[str, ...] = tuple(ALL)
+    variants: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.subset // (2 * self.batch_per_rank)
+
+
+REGIMES = {
+    "early": Regime(name="early", subset=8000, model="tiny-vit-28", batch_per_rank=64,
+                    epochs=5, lr=1e-3, weight_decay=0.01, warmup_steps=20, schedule="cosine",
+                    eval_every_epochs=1, warmup_epochs=1),
+    "memorise": Regime(name="memorise", subset=1000, model="small-vit-28", batch_per_rank=32,
+                       epochs=40, lr=1e-3, weight_decay=0.0, warmup_steps=20,
+                       schedule="constant", eval_every_epochs=4, warmup_epochs=8),
+    # The smoke run of the test suite: the same code path in about a minute per regime.
+    "quick": Regime(name="quick", subset=512, model="tiny-vit-28", batch_per_rank=32,
+                    epochs=2, lr=1e-3, weight_decay=0.01, warmup_steps=4, schedule="cosine",
+                    eval_every_epochs=1, warmup_epochs=1, seeds=(0,),
+                    noise_sweep=(), ratio_sweep=(),
+                    main_strategies=("full", "random", "dissect_momentum"), variants=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    regime: str
+    label: str  # the strategy, or a variant's label
+    strategy: str
+    noise: float
+    ratio: float
+    seed: int
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.regime}/{self.label}/noise{self.noise:g}/r{self.ratio:g}/seed{self.seed}"
+
+
+def grid(reg: Regime) -> list[Run]:
+    """The regime's runs in priority order, without duplicates."""
+    out: dict[str, Run] = {}
+
+    def add(label: str, strategy: str, noise: float, ratio: float, seed: int,
+            extra: dict[str, Any] | None = None) -> None:
+        ratio = 1.0 if strategy == "full" else ratio
+        r = Run(reg.name, label, strategy, noise, ratio, seed, tuple(sorted((extra or {}).items())))
+        out.setdefault(r.key, r)
+
+    variants = VARIANTS if reg.variants else []
+    for seed in reg.seeds:  # main table, one seed after another
+        for s in reg.main_strategies:
+            add(s, s, reg.noise, reg.ratio, seed)
+        for label, s, extra in variants:
+            add(label, s, reg.noise, reg.ratio, seed, extra)
+    for noise in reg.noise_sweep:
+        for s in reg.noise_sweep_strategies:
+            add(s, s, noise, reg.ratio, reg.seeds[0])
+    for ratio in reg.ratio_sweep:
+        for s in reg.ratio_sweep_strategies:
+            add(s, s, reg.noise, ratio, reg.seeds[0])
+    return list(out.values())
+
+
+def interleave(grids: list[list[Run]]) -> list[Run]:
+    """Seed-0 main rows of every regime first, then the rest, regime by regime."""
+    first = [r for g in grids for r in g if r.seed == g[0].seed and r.noise == g[0].noise
+             and (r.ratio == g[0].ratio or r.strategy == "full")]
+    rest = [r for g in grids for r in g if r not in first]
+    return first + rest
+
+
+# ------------------------------------------------------------------ data and one run
+def dataset(reg: Regime, noise: float, root: Path) -> Path:
+    from dissect_dist.data.builders import build_fashion_mnist
+
+    d = root / f"fmnist-{reg.subset}-noise{noise:g}"
+    if not (d / "classes.json").exists():
+        tmp = d.with_name(d.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"[nc] building {reg.subset} Fashion-MNIST pairs, {noise:.0%} noisy -> {d}",
+              flush=True)
+        build_fashion_mnist(str(tmp), noise=noise, subset=reg.subset, seed=0)
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)  # a crash mid-build leaves only the .partial directory
+    return d
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
+    spe = reg.steps_per_epoch
+    ov = {
+        "model.name": reg.model,
+        "data.train_manifest": f"{data}/train/manifest.json",
+        "data.noise_ledger": f"{data}/train/noise_ledger.npy",
+        "data.zeroshot_dir": str(data), "data.batch_size": reg.batch_per_rank,
+        "data.workers": 1,
+        "selection.strategy": run.strategy, "selection.ratio": run.ratio,
+        "selection.warmup_epochs": reg.warmup_epochs,
+        "optim.lr": reg.lr, "optim.weight_decay": reg.weight_decay,
+        "optim.warmup_steps": reg.warmup_steps, "optim.schedule": reg.schedule,
+        "train.epochs": reg.epochs, "train.seed": run.seed, "train.run_dir": str(run_dir),
+        "train.log_every": spe, "train.eval_every": reg.eval_every_epochs * spe,
+        # full-data runs are the memorisation diagnostic: score every batch
+        "train.diagnose_scores": run.strategy == "full",
+        **dict(run.extra),
+    }
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
+    run_dir = runs_root / run.key.replace("/", "__")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(_port()), str(REPO / "launch" / "train.py"),
+           *overrides(reg, run, data, run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launch.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"{run.key} failed (exit {r.returncode}); log: "
+                           f"{run_dir / 'launch.log'}\n{r.stderr[-2000:]}")
+    res = summarise(run_dir / "metrics.jsonl", reg)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics are what we keep
+    return {**dataclasses.asdict(run), "key": run.key, "wall_s": wall, **res}
+
+
+def _finite(x: Any) -> Any:
+    return x if not (isinstance(x, float) and not math.isfinite(x)) else None
+
+
+def summarise(metrics: Path, reg: Regime) -> dict[str, Any]:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    spe = reg.steps_per_epoch
+    trained_at = {x["step"]: x["trained_total"] for x in rows if x["kind"] == "train"}
+    evals: dict[int, float] = {}
+    for x in rows:
+        if x["kind"] == "eval":
+            evals[x["step"]] = x["zeroshot_acc"]
+    curve = [{"epoch": s / spe, "trained": trained_at[s], "metric": m}
+             for s, m in sorted(evals.items())]
+    train_rows = [x for x in rows if x["kind"] == "train"]
+    epochs = [x for x in rows if x["kind"] == "epoch"]
+    n_ep = len(epochs)
+    hist_at = sorted({0, n_ep // 4, n_ep // 2, (3 * n_ep) // 4, n_ep - 1}) if n_ep else []
+    best = max(curve, key=lambda c: c["metric"])
+    return {
+        "metric": "zeroshot_acc",
+        "final": curve[-1]["metric"], "best": best["metric"], "best_epoch": best["epoch"],
+        "curve": curve,
+        "steps": train_rows[-1]["step"], "trained_samples": train_rows[-1]["trained_total"],
+        "kept_precision": [_finite(x.get("kept_precision")) for x in train_rows],
+        "delta_auroc": [_finite(x.get("key_auroc_clean_vs_noisy")) for x in epochs],
+        "score_clean": [_finite(x.get("mean_score_clean")) for x in epochs],
+        "score_noisy": [_finite(x.get("mean_score_noisy")) for x in epochs],
+        "key_hist": {str(i): epochs[i]["key_hist"] for i in hist_at if "key_hist" in epochs[i]},
+    }
+
+
+# ------------------------------------------------------------------ results file
+def load_results(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": {}}
+
+
+def save_results(path: Path, res: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1, allow_nan=False))
+    os.replace(tmp, path)  # a crash never leaves a half-written results file
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the smoke grid (<= 5 min)")
+    p.add_argument("--regime", action="append", choices=sorted(REGIMES),
+                   help="run only these regimes (repeatable)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no new run after this many minutes")
+    p.add_argument("--report", action="store_true", help="only print tables and draw plots")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/"
+                   "noisy_correspondence[_quick].json)")
+    p.add_argument("--data", default=str(REPO / "data" / "nc"))
+    p.add_argument("--runs", default=str(REPO / "runs" / "nc"))
+    a = p.parse_args()
+    names = ["quick"] if a.quick else (a.regime or ["early", "memorise"])
+    out = Path(a.out or REPO / "benchmarks" / "results" /
+               f"noisy_correspondence{'_quick' if a.quick else ''}.json")
+    res = load_results(out)
+    if not a.report:
+        todo = interleave([grid(REGIMES[n]) for n in names])
+        done = [r for r in todo if r.key in res["runs"]]
+        todo = [r for r in todo if r.key not in res["runs"]]
+        print(f"[nc] {len(done)} finished runs kept from {out}; {len(todo)} to run", flush=True)
+        t_start = time.perf_counter()
+        for i, run in enumerate(todo):
+            spent = (time.perf_counter() - t_start) / 60
+            if a.budget_min is not None and spent >= a.budget_min:
+                print(f"[nc] budget of {a.budget_min:g} min spent: {len(todo) - i} runs left "
+                      "for the next invocation", flush=True)
+                break
+            reg = REGIMES[run.regime]
+            data = dataset(reg, run.noise, Path(a.data))
+            print(f"[nc] ({i + 1}/{len(todo)}, {spent:.1f} min) {run.key} ...", flush=True)
+            r = train(reg, run, data, Path(a.runs))
+            res["runs"][run.key] = r
+            res["meta"] = {"regimes": {n: dataclasses.asdict(REGIMES[n]) for n in names},
+                           "ranks": 2, "machine": _machine()}
+            save_results(out, res)
+            print(f"[nc]   final {r['final']:.3f} best {r['best']:.3f} kept precision "
+                  f"{_mean(r['kept_precision']):.3f} trained {r['trained_samples']} "
+                  f"wall {r['wall_s']:.0f} s", flush=True)
+    report(res, names, out.with_suffix(""))
+    return 0
+
+
+# ------------------------------------------------------------------ report
+def _runs(res: dict[str, Any], regime: str, **match: Any) -> list[dict[str, Any]]:
+    return [r for r in res["runs"].values() if r["regime"] == regime
+            and all(r[k] == v for k, v in match.items())]
+
+
+def _ms(xs: list[float], fmt: str = ".3f") -> str:
+    """mean ± std over seeds (std only with 2+ values)."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:{fmt}}"
+    return f"{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}}"
+
+
+def samples_to_reach(run: dict[str, Any], target: float) -> int | None:
+    """Trained samples at the first evaluation where the run reached `target`."""
+    for c in run["curve"]:
+        if c["metric"] >= target - 1e-12:
+            return int(c["trained"])
+    return None
+
+
+def _full_best(res: dict[str, Any], run: dict[str, Any]) -> float | None:
+    full = [r for r in _runs(res, run["regime"], strategy="full", noise=run["noise"],
+                              seed=run["seed"])]
+    return full[0]["best"] if full else None
+
+
+def tables(res: dict[str, Any], regime: str) -> str:
+    reg_runs = _runs(res, regime)
+    if not reg_runs:
+        return f"(no finished runs in regime {regime})\n"
+    meta = res.get("meta", {}).get("regimes", {}).get(regime, {})
+    noise, ratio = meta.get("noise", 0.4), meta.get("ratio", 0.3)
+    lines = [f"### Regime `{regime}`: main table (noise {noise}, r = {ratio}; mean ± std over "
+             "seeds)", "",
+             "| strategy | seeds | final acc | best acc | kept precision (mean over epochs) "
+             "| key AUROC clean vs noisy, first / mid / last epoch (δ for dissect) | trained samples | samples to reach full's "
+             "best | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    labels = list(dict.fromkeys(r["label"] for r in reg_runs))
+    for label in labels:
+        rs = [r for r in _runs(res, regime, label=label, noise=noise)
+              if r["ratio"] in (ratio, 1.0)]
+        if not rs:
+            continue
+        kp = [_mean(r["kept_precision"]) for r in rs]
+        au = [[x for x in r["delta_auroc"] if x is not None] for r in rs]
+        au_s = "-"
+        if all(au):
+            pick = [[a[0], a[len(a) // 2], a[-1]] for a in au]
+            au_s = " / ".join(f"{np.mean([p[i] for p in pick]):.2f}" for i in range(3))
+        reach = []
+        for r in rs:
+            target = _full_best(res, r)
+            reach.append(None if target is None else samples_to_reach(r, target))
+        got = [x for x in reach if x is not None]
+        reach_s = (f"{np.mean(got):.0f} ({len(got)}/{len(rs)} reached)" if got
+                   else f"never (0/{len(rs)})")
+        lines.append(
+            f"| {label} | {len(rs)} | {_ms([r['final'] for r in rs])} | "
+            f"{_ms([r['best'] for r in rs])} | {_ms(kp)} | {au_s} | "
+            f"{np.mean([r['trained_samples'] for r in rs]):.0f} | {reach_s} | "
+            f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
+    noises = sorted({r["noise"] for r in reg_runs})
+    if len(noises) > 1:
+        lines += ["", f"Noise sweep (r = {ratio}, seed {min(r['seed'] for r in reg_runs)}): "
+                  "final / best accuracy, kept precision", "",
+                  "| strategy | " + " | ".join(f"noise {n:g}" for n in noises) + " |",
+                  "|---|" + "---|" * len(noises)]
+        for label in labels:
+            cells = []
+            for n in noises:
+                rs = [r for r in _runs(res, regime, label=label, noise=n)
+                      if r["ratio"] in (ratio, 1.0) and r["seed"] == min(
+                          x["seed"] for x in reg_runs)]
+                cells.append(f"{rs[0]['final']:.3f} / {rs[0]['best']:.3f} / "
+                             f"{_mean(rs[0]['kept_precision']):.2f}" if rs else "-")
+            if any(c != "-" for c in cells) and sum(c != "-" for c in cells) > 1:
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratios = sorted({r["ratio"] for r in reg_runs if r["strategy"] != "full"})
+    if len(ratios) > 1:
+        lines += ["", f"Ratio sweep (noise {noise}, seed 0): final / best accuracy, "
+                  "kept precision", "",
+                  "| strategy | " + " | ".join(f"r = {x:g}" for x in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for label in labels:
+            cells = []
+            for x in ratios:
+                rs = [r for r in _runs(res, regime, label=label, noise=noise, ratio=x)
+                      if r["seed"] == 0]
+                cells.append(f"{rs[0]['final']:.3f} / {rs[0]['best']:.3f} / "
+                             f"{_mean(rs[0]['kept_precision']):.2f}" if rs else "-")
+            if sum(c != "-" for c in cells) > 1:
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    fulls = [r for r in _runs(res, regime, strategy="full", noise=noise) if r["seed"] == 0]
+    if fulls and fulls[0]["score_clean"]:
+        f = fulls[0]
+        n_ep = len(f["score_clean"])
+        at = sorted({0, *range(max(n_ep // 8, 1), n_ep, max(n_ep // 8, 1)), n_ep - 1})
+        acc = {round(c["epoch"]) - 1: c["metric"] for c in f["curve"]}
+        lines += ["", f"Memorisation diagnostic (full data, noise {noise}, seed 0): mean "
+                  "CLIPScore of clean and noisy pairs, and held-out accuracy", "",
+                  "| epoch | " + " | ".join(str(e) for e in at) + " |",
+                  "|---|" + "---|" * len(at),
+                  "| clean | " + " | ".join(f"{f['score_clean'][e]:.1f}" for e in at) + " |",
+                  "| noisy | " + " | ".join(f"{f['score_noisy'][e]:.1f}" for e in at) + " |",
+                  "| accuracy | " + " | ".join(f"{acc[e]:.3f}" if e in acc else ""
+                                              for e in at) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reg_runs = _runs(res, regime)
+    if not reg_runs:
+        return []
+    meta = res.get("meta", {}).get("regimes", {}).get(regime, {})
+    noise, ratio = meta.get("noise", 0.4), meta.get("ratio", 0.3)
+    main = [r for r in reg_runs if r["noise"] == noise and r["ratio"] in (ratio, 1.0)]
+    labels = list(dict.fromkeys(r["label"] for r in main))
+    paths = []
+    # 1. held-out accuracy vs trained samples (seed 0 of each strategy)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in labels:
+        for r in [x for x in main if x["label"] == label][:1]:
+            ax.plot([c["trained"] for c in r["curve"]], [c["metric"] for c in r["curve"]],
+                    marker=".", label=label)
+    ax.set(xlabel="trained samples", ylabel="zero-shot accuracy (clean test split)",
+           title=f"{regime}: noise {noise}, r = {ratio}, seed {main[0]['seed']}")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, prefix, regime, "accuracy_vs_samples"))
+    # 2. the memorisation diagnostic
+    fulls = [r for r in main if r["strategy"] == "full" and r["score_clean"]]
+    if fulls:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax2 = ax.twinx()
+        for i, f in enumerate(fulls):
+            ep = np.arange(len(f["score_clean"]))
+            ax.plot(ep, f["score_clean"], color="tab:blue", alpha=0.8,
+                    label="clean pairs" if i == 0 else None)
+            ax.plot(ep, f["score_noisy"], color="tab:red", alpha=0.8,
+                    label="noisy pairs" if i == 0 else None)
+            ax2.plot([c["epoch"] - 1 for c in f["curve"]], [c["metric"] for c in f["curve"]],
+                     color="k", ls="--", marker=".", alpha=0.7,
+                     label="held-out accuracy" if i == 0 else None)
+        ax.set(xlabel="epoch", ylabel="mean CLIPScore during training",
+               title=f"{regime}: full-data training, noise {noise} ({len(fulls)} seeds)")
+        ax2.set_ylabel("zero-shot accuracy")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+        paths.append(_save(fig, prefix, regime, "diagnostic"))
+    # 3. δ histograms, clean vs noisy
+    dm = [r for r in main if r["label"] == "dissect_momentum" and r["key_hist"]]
+    if dm:
+        hs = dm[0]["key_hist"]
+        fig, axes = plt.subplots(1, len(hs), figsize=(3.2 * len(hs), 3.2))
+        for ax, (ep, h) in zip(np.atleast_1d(axes), sorted(hs.items(), key=lambda x: int(x[0]))):
+            e = np.asarray(h["edges"])
+            mid, w = (e[1:] + e[:-1]) / 2, np.diff(e)
+            for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
+                c = np.asarray(h[name], dtype=float)
+                ax.bar(mid, c / max(c.sum(), 1), width=w, alpha=0.5, color=color, label=name)
+            ax.set(title=f"epoch {ep}", xlabel="δ = hist − curr")
+        np.atleast_1d(axes)[0].legend(fontsize=8)
+        fig.suptitle(f"{regime}: dissect_momentum δ, clean vs noisy (fraction per class)")
+        paths.append(_save(fig, prefix, regime, "delta_hist"))
+    # 4. kept precision over training
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in labels:
+        for r in [x for x in main if x["label"] == label][:1]:
+            kp = [np.nan if x is None else x for x in r["kept_precision"]]
+            ax.plot(np.arange(1, len(kp) + 1), kp, label=label)
+    ax.axhline(1 - noise, color="k", ls=":", label="clean fraction of the data")
+    ax.set(xlabel="epoch", ylabel="precision of kept pairs (fraction clean)",
+           title=f"{regime}: noise {noise}, r = {ratio}")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, prefix, regime, "kept_precision"))
+    return paths
+
+
+def _save(fig: Any, prefix: Path, regime: str, what: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = prefix.parent / prefix.name / f"{regime}_{what}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report(res: dict[str, Any], names: list[str], prefix: Path) -> None:
+    for n in names:
+        print(tables(res, n))
+        for pth in plots(res, n, prefix):
+            print(f"[nc] wrote {pth}")
+
+
+def _mean(xs: list[Any]) -> float:
+    v = [x for x in xs if x is not None]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _machine() -> str:
+    return f"{os.cpu_count()} CPU cores, {sys.platform}, python {sys.version.split()[0]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
