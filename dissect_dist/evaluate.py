@@ -4,8 +4,8 @@ image<->text retrieval R@1/5/10.
 `EvalSet` decodes a held-out set once and keeps the preprocessed tensors in memory when
 they fit under `cache_bytes` (held-out sets are re-evaluated many times in a run; decoding
 dominates their cost), else it streams them from the shards each time. Zero-shot
-classification splits the set across ranks and sums the counts; retrieval needs every
-pair's features in one place and runs on the calling rank."""
+classification splits the set across ranks (each decodes only its share) and sums the
+counts; retrieval needs every pair's features in one place and runs on one rank."""
 
 from __future__ import annotations
 
@@ -24,25 +24,31 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 
 def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
-              batch_size: int) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
-    """Every decodable sample in shard order: (images, captions, json metadata)."""
+              batch_size: int, rank: int = 0, world: int = 1
+              ) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+    """Decodable samples in shard order as (images, captions, json metadata) batches.
+    Batch j holds the samples at manifest positions [j*batch_size, (j+1)*batch_size)
+    (fewer if some are undecodable); this rank reads and decodes only the batches with
+    j % world == rank."""
     reader = ShardReader(manifest)
     images: list[torch.Tensor] = []
     caps: list[str] = []
     metas: list[dict] = []
+    g = -1  # global position of the sample in the manifest
     try:
         for shard, count in enumerate(manifest.counts.tolist()):
             for pos in range(count):
+                g += 1
+                if (g // batch_size) % world != rank:
+                    continue
                 _, got = reader.read(shard, pos)
-                if isinstance(got, str):
-                    continue
-                res = decode_sample(got, preprocess)
-                if isinstance(res, str):
-                    continue
-                images.append(res[0])
-                caps.append(res[1])
-                metas.append(json.loads(got.get("json", b"{}")))
-                if len(images) == batch_size:
+                if not isinstance(got, str):
+                    res = decode_sample(got, preprocess)
+                    if not isinstance(res, str):
+                        images.append(res[0])
+                        caps.append(res[1])
+                        metas.append(json.loads(got.get("json", b"{}")))
+                if (g + 1) % batch_size == 0 and images:
                     yield torch.stack(images), caps, metas
                     images, caps, metas = [], [], []
         if images:
@@ -52,13 +58,14 @@ def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
 
 
 class EvalSet:
-    """A held-out set as fixed batches, decoded once and kept if small enough."""
+    """This rank's share of a held-out set, decoded once and kept if small enough."""
 
     def __init__(self, manifest_path: str, preprocess: Callable[[Any], torch.Tensor],
-                 batch_size: int = 512, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 batch_size: int = 512, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 rank: int = 0, world: int = 1) -> None:
         self.manifest = Manifest.load(manifest_path)
         self.preprocess, self.batch_size = preprocess, batch_size
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.rank, self.world = cache_bytes, rank, world
         self._batches: list[tuple[torch.Tensor, list[str], list[dict]]] | None = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
@@ -67,21 +74,16 @@ class EvalSet:
             return
         kept: list[tuple[torch.Tensor, list[str], list[dict]]] = []
         fits = True
-        for batch in iter_eval(self.manifest, self.preprocess, self.batch_size):
-            if fits and not kept:  # size the whole set from its first batch
+        for batch in iter_eval(self.manifest, self.preprocess, self.batch_size, self.rank,
+                               self.world):
+            if fits and not kept:  # size the whole share from its first batch
                 per_sample = batch[0].element_size() * batch[0][0].numel()
-                fits = per_sample * self.manifest.total <= self.cache_bytes
+                fits = per_sample * self.manifest.total // self.world <= self.cache_bytes
             if fits:
                 kept.append(batch)
             yield batch
         if fits:
             self._batches = kept
-
-    def shard(self, rank: int, world: int) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
-        """This rank's batches: every world-th, starting at rank."""
-        for j, batch in enumerate(self):
-            if j % world == rank:
-                yield batch
 
 
 def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
@@ -99,12 +101,12 @@ def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
 
 @torch.no_grad()
 def zeroshot_counts(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet, root: str,
-                    device: torch.device, rank: int = 0, world: int = 1) -> tuple[int, int]:
-    """(correct, total) over this rank's share of `root`/test; sum over ranks for the set."""
+                    device: torch.device) -> tuple[int, int]:
+    """(correct, total) over the eval set's share of `root`/test (sum over ranks)."""
     weights = class_weights(model, tokenizer, root, device)
     m = getattr(model, "module", model)
     correct = total = 0
-    for images, _, metas in evalset.shard(rank, world):
+    for images, _, metas in evalset:
         f = m.encode_image(images.to(device), normalize=True).float()
         pred = (f @ weights.t()).argmax(-1).cpu()
         labels = torch.tensor([md["label"] for md in metas])

@@ -185,16 +185,22 @@ class Selector:
 
     global scope: k = round(r * B) over the global batch B = sum of ranks' b; every
     rank computes the identical top-k from all-gathered keys. local scope: k_r =
-    round(r * b_r) per rank (the reference code's behaviour)."""
+    round(r * b_r) per rank (the reference code's behaviour).
+
+    max_rows (the per-rank batch size, when known) lets the global ranking gather every
+    rank's keys and row count in one collective instead of two."""
 
     def __init__(self, strategy: Strategy, ratio: float, scope: Scope, rank: int,
-                 world_size: int, seed: int) -> None:
+                 world_size: int, seed: int, max_rows: int | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"selection.ratio={ratio}: need 0 < r <= 1")
         if scope not in ("global", "local"):
             raise ValueError(f"selection.scope={scope!r}: use 'global' or 'local'")
         self.strategy, self.ratio, self.scope = strategy, ratio, scope
         self.rank, self.world_size = rank, world_size
+        if max_rows is not None and not 0 < max_rows < 2**24:
+            raise ValueError(f"max_rows={max_rows}: need 0 < max_rows < 2**24")
+        self.max_rows = max_rows
         # Global scope: one stream shared by all ranks (same seed, same draws).
         # Local scope: a stream per rank.
         self.generator = torch.Generator().manual_seed(
@@ -210,7 +216,7 @@ class Selector:
         if self.scope == "global" and self.world_size > 1:
             keys_all, counts = _gather_padded(
                 key if key is not None else torch.zeros(b, device=batch.ids.device),
-                self.world_size)
+                self.world_size, self.max_rows)
             offset = sum(counts[: self.rank])
         else:
             keys_all = key if key is not None else torch.zeros(b, device=batch.ids.device)
@@ -236,8 +242,22 @@ class Selector:
         self.strategy.load_state_dict(sd["strategy"])
 
 
-def _gather_padded(x: torch.Tensor, world_size: int) -> tuple[torch.Tensor, list[int]]:
-    """Concatenation of every rank's 1-D x (lengths may differ), rank order."""
+def _gather_padded(x: torch.Tensor, world_size: int,
+                   max_rows: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Concatenation of every rank's 1-D x (lengths may differ), rank order. With
+    max_rows, one all_gather of [count, x, padding] (float32 holds counts < 2**24
+    exactly); without, the counts are gathered first."""
+    if max_rows is not None:
+        if x.numel() > max_rows:
+            raise ValueError(f"{x.numel()} keys on rank {dist.get_rank()} exceed "
+                             f"max_rows={max_rows} (the per-rank batch size)")
+        buf = torch.zeros(max_rows + 1, dtype=torch.float32, device=x.device)
+        buf[0] = x.numel()
+        buf[1:x.numel() + 1] = x.float()
+        bufs = [torch.empty_like(buf) for _ in range(world_size)]
+        dist.all_gather(bufs, buf)
+        counts = [int(v) for v in torch.stack([b[0] for b in bufs]).tolist()]  # host sync
+        return torch.cat([bufs[r][1:counts[r] + 1] for r in range(world_size)]), counts
     n = torch.tensor([x.numel()], device=x.device, dtype=torch.int64)
     ns = [torch.zeros_like(n) for _ in range(world_size)]
     dist.all_gather(ns, n)

@@ -91,7 +91,8 @@ class Trainer:
         strategy = build_strategy(s.strategy, store=self.store, beta=s.beta,
                                   first_sight=s.first_sight, warmup_epochs=s.warmup_epochs,
                                   warmup_train=s.warmup_train)
-        return Selector(strategy, s.ratio, s.scope, self.rank, self.world, self.cfg.train.seed)
+        return Selector(strategy, s.ratio, s.scope, self.rank, self.world, self.cfg.train.seed,
+                        max_rows=self.cfg.data.batch_size)
 
     def _ledger(self) -> np.ndarray | None:
         if not self.cfg.data.noise_ledger:
@@ -264,9 +265,9 @@ class Trainer:
             root = self.cfg.data.zeroshot_dir
             if self._zs_set is None:
                 self._zs_set = EvalSet(str(Path(root) / "test" / "manifest.json"),
-                                       self.pre_eval)
+                                       self.pre_eval, rank=self.rank, world=self.world)
             correct, total = zeroshot_counts(self.engine, self.tokenizer, self._zs_set, root,
-                                             self.device, self.rank, self.world)
+                                             self.device)
             counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
             dist.all_reduce(counts)
             res["zeroshot_acc"] = float(counts[0] / counts[1].clamp(min=1))

@@ -76,3 +76,27 @@ def test_exported_model_loads_in_open_clip(tmp_path: Path):
     assert float(back.logit_scale.detach()) == pytest.approx(1.234)
     for k, v in back.state_dict().items():
         assert torch.equal(v, model.state_dict()[k].reshape(v.shape)), k
+
+
+def test_eval_set_shares_cover_the_set_once_and_are_decoded_once(tmp_path: Path, monkeypatch):
+    import dissect_dist.evaluate as ev
+
+    make_dataset(tmp_path, [23, 30, 7], bad={4: "undecodable_image", 40: "missing_caption"})
+    path = str(tmp_path / "manifest.json")
+    whole = [c for _, caps, _ in ev.iter_eval(ev.Manifest.load(path), PRE, 8) for c in caps]
+    assert len(whole) == 58 and "caption 4" not in whole and "caption 40" not in whole
+    decoded = []
+    real = ev.decode_sample
+    monkeypatch.setattr(ev, "decode_sample", lambda got, pre: decoded.append(1) or real(got, pre))
+    shares = [ev.EvalSet(path, PRE, batch_size=8, rank=r, world=3) for r in range(3)]
+    first = [[caps for _, caps, _ in s] for s in shares]
+    assert len(decoded) == 60  # every sample decoded once, by exactly one rank
+    again = [[caps for _, caps, _ in s] for s in shares]
+    assert again == first and len(decoded) == 60  # served from memory the second time
+    # batch j of the set belongs to rank j % 3: interleaving the shares gives the set back
+    merged = [c for j in range(8) for c in first[j % 3][j // 3]]
+    assert merged == whole
+    tiny = ev.EvalSet(path, PRE, batch_size=8, cache_bytes=100)  # too big to keep: streams
+    list(tiny)
+    list(tiny)
+    assert len(decoded) == 60 + 2 * 60

@@ -25,11 +25,12 @@ def _batch(sizes, rank, seed=0):
     return ids[lo:lo + sizes[rank]], curr[lo:lo + sizes[rank]], curr
 
 
-def _rp_select(ctx, sizes, strategy, ratio, steps):
+def _rp_select(ctx, sizes, strategy, ratio, steps, max_rows=None):
     import torch.distributed as dist
 
     rank, w = dist.get_rank(), dist.get_world_size()
-    sel = Selector(build_strategy(strategy), ratio, "global", rank, w, seed=11)
+    sel = Selector(build_strategy(strategy), ratio, "global", rank, w, seed=11,
+                   max_rows=max_rows)
     out = []
     for step in range(steps):
         ids, curr, _ = _batch(sizes, rank, seed=step)
@@ -37,9 +38,10 @@ def _rp_select(ctx, sizes, strategy, ratio, steps):
     return out
 
 
+@pytest.mark.parametrize("max_rows", [None, 9])  # counts gathered apart / in the keys' buffer
 @pytest.mark.parametrize("strategy", ["clipscore", "random"])
-def test_global_top_k_equals_one_process_top_k(pools, strategy):
-    got = pools(3).run(_rp_select, SIZES, strategy, 0.4, 4)
+def test_global_top_k_equals_one_process_top_k(pools, strategy, max_rows):
+    got = pools(3).run(_rp_select, SIZES, strategy, 0.4, 4, max_rows)
     ref = Selector(build_strategy(strategy), 0.4, "global", 0, 1, seed=11)
     for step in range(4):
         _, _, curr = _batch(SIZES, 0, seed=step)
