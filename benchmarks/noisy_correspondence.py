@@ -82,9 +82,9 @@ REGIMES = {
     "early": Regime(name="early", subset=8000, model="tiny-vit-28", batch_per_rank=64,
                     epochs=5, lr=1e-3, weight_decay=0.01, warmup_steps=20, schedule="cosine",
                     eval_every_epochs=1, warmup_epochs=1),
-    "memorise": Regime(name="memorise", subset=1000, model="small-vit-28", batch_per_rank=32,
-                       epochs=40, lr=1e-3, weight_decay=0.0, warmup_steps=20,
-                       schedule="constant", eval_every_epochs=4, warmup_epochs=8),
+    "memorise": Regime(name="memorise", subset=500, model="tiny-vit-28", batch_per_rank=32,
+                       epochs=80, lr=2e-3, weight_decay=0.0, warmup_steps=20,
+                       schedule="constant", eval_every_epochs=5, warmup_epochs=16),
     # The smoke run of the test suite: the same code path in about a minute per regime.
     "quick": Regime(name="quick", subset=512, model="tiny-vit-28", batch_per_rank=32,
                     epochs=2, lr=1e-3, weight_decay=0.01, warmup_steps=4, schedule="cosine",
@@ -109,37 +109,46 @@ class Run:
         return f"{self.regime}/{self.label}/noise{self.noise:g}/r{self.ratio:g}/seed{self.seed}"
 
 
-def grid(reg: Regime) -> list[Run]:
-    """The regime's runs in priority order, without duplicates."""
-    out: dict[str, Run] = {}
+def grid(reg: Regime) -> list[list[Run]]:
+    """The regime's runs in phases (main table seed by seed, noise sweep, ratio sweep),
+    without duplicates: a run shared by two phases is listed in the first."""
+    seen: set[str] = set()
+    phases: list[list[Run]] = []
 
     def add(label: str, strategy: str, noise: float, ratio: float, seed: int,
             extra: dict[str, Any] | None = None) -> None:
         ratio = 1.0 if strategy == "full" else ratio
         r = Run(reg.name, label, strategy, noise, ratio, seed, tuple(sorted((extra or {}).items())))
-        out.setdefault(r.key, r)
+        if r.key not in seen:
+            seen.add(r.key)
+            phases[-1].append(r)
 
     variants = VARIANTS if reg.variants else []
     for seed in reg.seeds:  # main table, one seed after another
+        phases.append([])
         for s in reg.main_strategies:
             add(s, s, reg.noise, reg.ratio, seed)
         for label, s, extra in variants:
             add(label, s, reg.noise, reg.ratio, seed, extra)
+    phases.append([])
     for noise in reg.noise_sweep:
         for s in reg.noise_sweep_strategies:
             add(s, s, noise, reg.ratio, reg.seeds[0])
+    phases.append([])
     for ratio in reg.ratio_sweep:
         for s in reg.ratio_sweep_strategies:
             add(s, s, reg.noise, ratio, reg.seeds[0])
-    return list(out.values())
+    return phases
 
 
-def interleave(grids: list[list[Run]]) -> list[Run]:
-    """Seed-0 main rows of every regime first, then the rest, regime by regime."""
-    first = [r for g in grids for r in g if r.seed == g[0].seed and r.noise == g[0].noise
-             and (r.ratio == g[0].ratio or r.strategy == "full")]
-    rest = [r for g in grids for r in g if r not in first]
-    return first + rest
+def interleave(grids: list[list[list[Run]]]) -> list[Run]:
+    """Phase by phase across regimes (every regime's first seed, then the next seed, ...,
+    then the sweeps), so a grid stopped early is balanced between regimes."""
+    out: list[Run] = []
+    for i in range(max(len(g) for g in grids)):
+        for g in grids:
+            out += g[i] if i < len(g) else []
+    return out
 
 
 # ------------------------------------------------------------------ data and one run

@@ -2,10 +2,13 @@
 optimizer) for `full` vs `dissect_momentum` at r = 0.3, on 2 CPU ranks through the
 DeepSpeed launcher, measured in one run with the same data, model and batch size.
 
-    python benchmarks/step_overhead.py [--steps 40] [--batch-size 128] [--model tiny-vit-28]
+    python benchmarks/step_overhead.py [--steps 40] [--setup tiny-vit-28:128 ...]
 
-Writes benchmarks/results/step_overhead.json. Targets: exchange + ranking <= 1% of the
-DISSect step; DISSect step <= 0.7x the full-data step.
+Each --setup is model:per-rank-batch; all setups are measured in the same invocation,
+runs alternating between full and dissect_momentum so drift hits both alike. Writes
+benchmarks/results/step_overhead.json. Targets: exchange + ranking <= 1% of the DISSect
+step; DISSect step <= 0.7x the full-data step. With train.time_breakdown the trainer puts
+a barrier before the selection, so rank skew shows as `wait`, not as exchange time.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(strategy: str, manifest: str, a: argparse.Namespace, out: Path) -> dict:
-    run_dir = out / strategy
+def run(strategy: str, manifest: str, model: str, batch: int, a: argparse.Namespace,
+        out: Path) -> dict:
+    run_dir = out / f"{model}-{batch}-{strategy}"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
            "--master_port", str(_port()), str(REPO / "launch" / "train.py"),
-           f"model.name={a.model}", f"data.train_manifest={manifest}",
-           f"data.batch_size={a.batch_size}", "data.workers=1",
+           f"model.name={model}", f"data.train_manifest={manifest}",
+           f"data.batch_size={batch}", "data.workers=1",
            f"selection.strategy={strategy}", "selection.ratio=0.3",
            f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
            "train.time_breakdown=true", f"train.run_dir={run_dir}"]
@@ -46,7 +50,8 @@ def run(strategy: str, manifest: str, a: argparse.Namespace, out: Path) -> dict:
     steady = [x for x in rows if x["kind"] == "train"][1:]  # drop the warm-up window
     split = {k[5:-3]: sum(x[k] for x in steady) / len(steady)
              for k in steady[0] if k.startswith("time_")}
-    return {"strategy": strategy, "split_ms": split, "step_ms": sum(split.values()),
+    return {"strategy": strategy, "model": model, "batch_per_rank": batch,
+            "split_ms": split, "step_ms": sum(split.values()),
             "samples_per_s": sum(x["samples_per_s"] for x in steady) / len(steady)}
 
 
@@ -54,10 +59,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--model", default="tiny-vit-28")
+    p.add_argument("--setup", action="append", default=None,
+                   help="model:per-rank batch (repeatable; default tiny-vit-28:128 and "
+                   "small-vit-28:256)")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
+    setups = [(m, int(b)) for m, b in (x.split(":") for x in
+                                      (a.setup or ["tiny-vit-28:128", "small-vit-28:256"]))]
     data = REPO / "data" / "bench-fmnist-noisy"
     if not (data / "train" / "manifest.json").exists():
         from dissect_dist.data.builders import build_fashion_mnist
@@ -66,31 +74,44 @@ def main() -> None:
     out = REPO / "runs" / "step_overhead"
     manifest = str(data / "train" / "manifest.json")
     runs = []
-    for _ in range(a.repeats):  # alternate, so drift hits both alike
-        for s in ("full", "dissect_momentum"):
-            runs.append(run(s, manifest, a, out))
-            print(json.dumps(runs[-1]), flush=True)
-    by = {s: [r for r in runs if r["strategy"] == s] for s in ("full", "dissect_momentum")}
-    mean = {s: {k: sum(r["split_ms"][k] for r in v) / len(v) for k in v[0]["split_ms"]}
-            for s, v in by.items()}
-    full_step = sum(mean["full"].values())
-    dis_step = sum(mean["dissect_momentum"].values())
+    for _ in range(a.repeats):  # alternate, so drift hits every setup and strategy alike
+        for model, batch in setups:
+            for s in ("full", "dissect_momentum"):
+                runs.append(run(s, manifest, model, batch, a, out))
+                print(json.dumps(runs[-1]), flush=True)
+    results = []
+    for model, batch in setups:
+        by = {s: [r for r in runs if r["strategy"] == s and r["model"] == model
+                  and r["batch_per_rank"] == batch] for s in ("full", "dissect_momentum")}
+        mean = {s: {k: sum(r["split_ms"][k] for r in v) / len(v) for k in v[0]["split_ms"]}
+                for s, v in by.items()}
+        full_step = sum(mean["full"].values())
+        dis_step = sum(mean["dissect_momentum"].values())
+        results.append({
+            "model": model, "batch_per_rank": batch, "mean_split_ms": mean,
+            "full_step_ms": full_step, "dissect_step_ms": dis_step,
+            "dissect_over_full_step": dis_step / full_step,
+            "select_fraction_of_dissect_step": mean["dissect_momentum"]["select"] / dis_step,
+            "wait_fraction_of_dissect_step": mean["dissect_momentum"]["wait"] / dis_step,
+        })
     res = {
         "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "args": vars(a),
-        "runs": runs, "mean_split_ms": mean,
-        "dissect_over_full_step": dis_step / full_step,
-        "select_fraction_of_dissect_step": mean["dissect_momentum"]["select"] / dis_step,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+        "steps": a.steps, "repeats": a.repeats, "runs": runs, "setups": results,
     }
     path = REPO / "benchmarks" / "results" / "step_overhead.json"
     path.write_text(json.dumps(res, indent=2))
-    print("\n| phase (ms) | full | dissect_momentum r=0.3 |\n|---|---|---|")
-    for k in mean["full"]:
-        print(f"| {k} | {mean['full'][k]:.1f} | {mean['dissect_momentum'][k]:.1f} |")
-    print(f"| step | {full_step:.1f} | {dis_step:.1f} |")
-    print(f"\nDISSect step / full step = {res['dissect_over_full_step']:.2f} (target <= 0.7); "
-          f"exchange + ranking = {100 * res['select_fraction_of_dissect_step']:.1f}% of the "
-          f"DISSect step (target <= 1%)")
+    for r in results:
+        mean = r["mean_split_ms"]
+        print(f"\n{r['model']}, per-rank batch {r['batch_per_rank']}\n"
+              "| phase (ms) | full | dissect_momentum r=0.3 |\n|---|---|---|")
+        for k in mean["full"]:
+            print(f"| {k} | {mean['full'][k]:.1f} | {mean['dissect_momentum'][k]:.1f} |")
+        print(f"| step | {r['full_step_ms']:.1f} | {r['dissect_step_ms']:.1f} |")
+        print(f"DISSect step / full step = {r['dissect_over_full_step']:.2f} (target <= 0.7); "
+              f"exchange + ranking = {100 * r['select_fraction_of_dissect_step']:.1f}% of the "
+              f"DISSect step (target <= 1%); rank skew (wait) "
+              f"{100 * r['wait_fraction_of_dissect_step']:.1f}%")
     print(f"wrote {path}")
 
 

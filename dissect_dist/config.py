@@ -105,7 +105,9 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end; -1 = at the end of every epoch
     log_every: int = 10
     record_samples: bool = False  # write each step's ids and keep mask per rank (audits, tests)
-    time_breakdown: bool = False  # time each phase of the step (adds device syncs on GPU)
+    # Time each phase of the step; adds device syncs on GPU and a barrier before the
+    # selection so that rank skew is booked as `wait`, not as exchange time.
+    time_breakdown: bool = False
     # Score every batch even when the strategy does not need it, and log per epoch the mean
     # CLIPScore of clean and of noisy pairs (needs data.noise_ledger): the memorisation
     # diagnostic. Costs one no-grad forward per step for full/random.

@@ -130,6 +130,11 @@ class Trainer:
             self.engine.train()
         self._sync()
         t["score"] = time.perf_counter()
+        if self.cfg.train.time_breakdown and self.world > 1:
+            # Ranks reach the selection at different moments (their data workers share the
+            # cores); without this barrier that skew would be booked as exchange time.
+            dist.barrier()
+        t["wait"] = time.perf_counter()
         if self.noisy is not None and curr is not None and b:
             noisy_b = torch.from_numpy(self.noisy[batch.ids.numpy()]).to(self.device)
             c = curr.double()
@@ -151,7 +156,7 @@ class Trainer:
         modellib.clamp_logit_scale(self.engine)
         self._sync()
         t["optim"] = time.perf_counter()
-        phases = ["start", "score", "select", "fwd_bwd", "optim"]
+        phases = ["start", "score", "wait", "select", "fwd_bwd", "optim"]
         # Tensors, not Python numbers: converted once per log window, not every step.
         out = {"loss": loss.detach(), "b": b, "kept": keep.sum(),
                "time": {k: t[k] - t[p] for p, k in zip(phases, phases[1:])}}
