@@ -30,8 +30,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from dissect_dist.launching import read_metrics, run_training  # noqa: E402
 
 ALL = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect_momentum",
        "dissect_warmup"]
@@ -167,12 +167,6 @@ def dataset(reg: Regime, noise: float, root: Path) -> Path:
     return d
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
     spe = reg.steps_per_epoch
     ov = {
@@ -197,19 +191,12 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
 def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
     run_dir = runs_root / run.key.replace("/", "__")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(_port()), str(REPO / "launch" / "train.py"),
-           *overrides(reg, run, data, run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "launch.log").write_text(r.stdout + r.stderr)
+    r = run_training(overrides(reg, run, data, run_dir), log=run_dir / "launch.log")
     if r.returncode != 0:
         raise RuntimeError(f"{run.key} failed (exit {r.returncode}); log: "
-                           f"{run_dir / 'launch.log'}\n{r.stderr[-2000:]}")
-    res = summarise(run_dir / "metrics.jsonl", reg)
+                           f"{run_dir / 'launch.log'}\n{r.output[-2000:]}")
+    wall = r.wall_s
+    res = summarise(read_metrics(run_dir), reg)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics are what we keep
     return {**dataclasses.asdict(run), "key": run.key, "wall_s": wall, **res}
 
@@ -218,8 +205,7 @@ def _finite(x: Any) -> Any:
     return x if not (isinstance(x, float) and not math.isfinite(x)) else None
 
 
-def summarise(metrics: Path, reg: Regime) -> dict[str, Any]:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
     spe = reg.steps_per_epoch
     trained_at = {x["step"]: x["trained_total"] for x in rows if x["kind"] == "train"}
     evals: dict[int, float] = {}

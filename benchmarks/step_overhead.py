@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,28 +24,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dissect_dist.launching import read_metrics, run_training  # noqa: E402
 
 
 def run(strategy: str, manifest: str, model: str, batch: int, a: argparse.Namespace,
         out: Path) -> dict:
     run_dir = out / f"{model}-{batch}-{strategy}"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(_port()), str(REPO / "launch" / "train.py"),
-           f"model.name={model}", f"data.train_manifest={manifest}",
-           f"data.batch_size={batch}", "data.workers=1",
-           f"selection.strategy={strategy}", "selection.ratio=0.3",
-           f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
-           "train.time_breakdown=true", f"train.run_dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    r = run_training([f"model.name={model}", f"data.train_manifest={manifest}",
+                      f"data.batch_size={batch}", "data.workers=1",
+                      f"selection.strategy={strategy}", "selection.ratio=0.3",
+                      f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
+                      "train.time_breakdown=true", f"train.run_dir={run_dir}"])
     if r.returncode != 0:
-        raise SystemExit(f"{strategy} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"{strategy} failed:\n{r.output[-3000:]}")
+    rows = read_metrics(run_dir)
     steady = [x for x in rows if x["kind"] == "train"][1:]  # drop the warm-up window
     split = {k[5:-3]: sum(x[k] for x in steady) / len(steady)
              for k in steady[0] if k.startswith("time_")}
