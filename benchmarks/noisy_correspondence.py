@@ -281,8 +281,9 @@ def main() -> int:
             print(f"[nc] ({i + 1}/{len(todo)}, {spent:.1f} min) {run.key} ...", flush=True)
             r = train(reg, run, data, Path(a.runs))
             res["runs"][run.key] = r
-            res["meta"] = {"regimes": {n: dataclasses.asdict(REGIMES[n]) for n in names},
-                           "ranks": 2, "machine": _machine()}
+            meta = res.setdefault("meta", {"regimes": {}})
+            meta["regimes"].update({n: dataclasses.asdict(REGIMES[n]) for n in names})
+            meta.update(ranks=2, machine=_machine())
             save_results(out, res)
             print(f"[nc]   final {r['final']:.3f} best {r['best']:.3f} kept precision "
                   f"{_mean(r['kept_precision']):.3f} trained {r['trained_samples']} "
@@ -355,52 +356,50 @@ def tables(res: dict[str, Any], regime: str) -> str:
             f"{_ms([r['best'] for r in rs])} | {_ms(kp)} | {au_s} | "
             f"{np.mean([r['trained_samples'] for r in rs]):.0f} | {reach_s} | "
             f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
+    seed0 = min(r["seed"] for r in reg_runs)
     noises = sorted({r["noise"] for r in reg_runs})
-    if len(noises) > 1:
-        lines += ["", f"Noise sweep (r = {ratio}, seed {min(r['seed'] for r in reg_runs)}): "
-                  "final / best accuracy, kept precision", "",
-                  "| strategy | " + " | ".join(f"noise {n:g}" for n in noises) + " |",
-                  "|---|" + "---|" * len(noises)]
-        for label in labels:
-            cells = []
-            for n in noises:
-                rs = [r for r in _runs(res, regime, label=label, noise=n)
-                      if r["ratio"] in (ratio, 1.0) and r["seed"] == min(
-                          x["seed"] for x in reg_runs)]
-                cells.append(f"{rs[0]['final']:.3f} / {rs[0]['best']:.3f} / "
-                             f"{_mean(rs[0]['kept_precision']):.2f}" if rs else "-")
-            if any(c != "-" for c in cells) and sum(c != "-" for c in cells) > 1:
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _sweep(res, regime, labels, "noise", noises, f"Noise sweep (r = {ratio}, seed "
+                    f"{seed0})", lambda r, n: r["noise"] == n and r["ratio"] in (ratio, 1.0)
+                    and r["seed"] == seed0)
     ratios = sorted({r["ratio"] for r in reg_runs if r["strategy"] != "full"})
-    if len(ratios) > 1:
-        lines += ["", f"Ratio sweep (noise {noise}, seed 0): final / best accuracy, "
-                  "kept precision", "",
-                  "| strategy | " + " | ".join(f"r = {x:g}" for x in ratios) + " |",
-                  "|---|" + "---|" * len(ratios)]
-        for label in labels:
-            cells = []
-            for x in ratios:
-                rs = [r for r in _runs(res, regime, label=label, noise=noise, ratio=x)
-                      if r["seed"] == 0]
-                cells.append(f"{rs[0]['final']:.3f} / {rs[0]['best']:.3f} / "
-                             f"{_mean(rs[0]['kept_precision']):.2f}" if rs else "-")
-            if sum(c != "-" for c in cells) > 1:
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _sweep(res, regime, labels, "r =", ratios, f"Ratio sweep (noise {noise}, seed "
+                    f"{seed0})", lambda r, x: r["ratio"] == x and r["noise"] == noise
+                    and r["seed"] == seed0)
     fulls = [r for r in _runs(res, regime, strategy="full", noise=noise) if r["seed"] == 0]
     if fulls and fulls[0]["score_clean"]:
         f = fulls[0]
         n_ep = len(f["score_clean"])
         at = sorted({0, *range(max(n_ep // 8, 1), n_ep, max(n_ep // 8, 1)), n_ep - 1})
-        acc = {round(c["epoch"]) - 1: c["metric"] for c in f["curve"]}
+        acc = {round(c["epoch"]) - 1: c["metric"] for c in f["curve"]}  # 0-based epochs
         lines += ["", f"Memorisation diagnostic (full data, noise {noise}, seed 0): mean "
                   "CLIPScore of clean and noisy pairs, and held-out accuracy", "",
-                  "| epoch | " + " | ".join(str(e) for e in at) + " |",
+                  "| epoch | " + " | ".join(str(e + 1) for e in at) + " |",
                   "|---|" + "---|" * len(at),
                   "| clean | " + " | ".join(f"{f['score_clean'][e]:.1f}" for e in at) + " |",
                   "| noisy | " + " | ".join(f"{f['score_noisy'][e]:.1f}" for e in at) + " |",
                   "| accuracy | " + " | ".join(f"{acc[e]:.3f}" if e in acc else ""
                                               for e in at) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _sweep(res: dict[str, Any], regime: str, labels: list[str], name: str,
+           values: list[float], title: str, match: Any) -> list[str]:
+    """A strategy x value table of final / best accuracy / kept precision, for the
+    strategies run at two or more of the values."""
+    if len(values) < 2:
+        return []
+    lines = ["", f"{title}: final / best accuracy / kept precision", "",
+             "| strategy | " + " | ".join(f"{name} {v:g}" for v in values) + " |",
+             "|---|" + "---|" * len(values)]
+    for label in labels:
+        cells = []
+        for v in values:
+            rs = [r for r in _runs(res, regime, label=label) if match(r, v)]
+            cells.append(f"{rs[0]['final']:.3f} / {rs[0]['best']:.3f} / "
+                         f"{_mean(rs[0]['kept_precision']):.2f}" if rs else "-")
+        if sum(c != "-" for c in cells) > 1:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
@@ -433,12 +432,12 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5))
         ax2 = ax.twinx()
         for i, f in enumerate(fulls):
-            ep = np.arange(len(f["score_clean"]))
+            ep = np.arange(1, len(f["score_clean"]) + 1)
             ax.plot(ep, f["score_clean"], color="tab:blue", alpha=0.8,
                     label="clean pairs" if i == 0 else None)
             ax.plot(ep, f["score_noisy"], color="tab:red", alpha=0.8,
                     label="noisy pairs" if i == 0 else None)
-            ax2.plot([c["epoch"] - 1 for c in f["curve"]], [c["metric"] for c in f["curve"]],
+            ax2.plot([c["epoch"] for c in f["curve"]], [c["metric"] for c in f["curve"]],
                      color="k", ls="--", marker=".", alpha=0.7,
                      label="held-out accuracy" if i == 0 else None)
         ax.set(xlabel="epoch", ylabel="mean CLIPScore during training",
@@ -459,10 +458,36 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
             for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
                 c = np.asarray(h[name], dtype=float)
                 ax.bar(mid, c / max(c.sum(), 1), width=w, alpha=0.5, color=color, label=name)
-            ax.set(title=f"epoch {ep}", xlabel="δ = hist − curr")
+            ax.set(title=f"epoch {int(ep) + 1}", xlabel="δ = hist − curr")
         np.atleast_1d(axes)[0].legend(fontsize=8)
         fig.suptitle(f"{regime}: dissect_momentum δ, clean vs noisy (fraction per class)")
         paths.append(_save(fig, prefix, regime, "delta_hist"))
+    # 5. timing: when δ becomes informative vs when full-data training memorises
+    dis = [r for r in main if r["strategy"] in ("dissect_momentum", "dissect_warmup")
+           and r["label"] in ("dissect_momentum", "dissect_warmup")]
+    if dis and fulls:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax2 = ax.twinx()
+        for label, color in (("dissect_momentum", "tab:green"), ("dissect_warmup", "tab:purple")):
+            au = [r["delta_auroc"] for r in dis if r["label"] == label]
+            if au:
+                m = np.nanmean(np.array([[np.nan if x is None else x for x in a] for a in au],
+                                        dtype=float), axis=0)
+                ax.plot(np.arange(1, len(m) + 1), m, color=color,
+                        label=f"{label}: δ AUROC clean vs noisy ({len(au)} seeds)")
+        ax.axhline(0.5, color="grey", lw=0.8)
+        gap = np.mean([np.subtract(f["score_clean"], f["score_noisy"]) for f in fulls], axis=0)
+        ax2.plot(np.arange(1, len(gap) + 1), gap, color="tab:red", ls="--",
+                 label="full data: clean − noisy mean CLIPScore")
+        best = np.mean([f["best_epoch"] for f in fulls])
+        ax.axvline(best, color="k", ls=":", label=f"full data: best accuracy (epoch {best:.0f})")
+        ax.set(xlabel="epoch", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
+               title=f"{regime}: is δ informative before the noisy pairs are memorised?")
+        ax2.set_ylabel("clean − noisy score gap (full data)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+        paths.append(_save(fig, prefix, regime, "timing"))
     # 4. kept precision over training
     fig, ax = plt.subplots(figsize=(8, 5))
     for label in labels:
