@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,8 +84,8 @@ REGIMES = {
                     epochs=5, lr=1e-3, weight_decay=0.01, warmup_steps=20, schedule="cosine",
                     eval_every_epochs=1, warmup_epochs=1),
     "memorise": Regime(name="memorise", subset=500, model="tiny-vit-28", batch_per_rank=32,
-                       epochs=80, lr=2e-3, weight_decay=0.0, warmup_steps=20,
-                       schedule="constant", eval_every_epochs=5, warmup_epochs=16),
+                       epochs=64, lr=2e-3, weight_decay=0.0, warmup_steps=20,
+                       schedule="constant", eval_every_epochs=4, warmup_epochs=13),
     # The smoke run of the test suite: the same code path in about a minute per regime.
     "quick": Regime(name="quick", subset=512, model="tiny-vit-28", batch_per_rank=32,
                     epochs=2, lr=1e-3, weight_decay=0.01, warmup_steps=4, schedule="cosine",
@@ -198,7 +199,18 @@ def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
     wall = r.wall_s
     res = summarise(read_metrics(run_dir), reg)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics are what we keep
-    return {**dataclasses.asdict(run), "key": run.key, "wall_s": wall, **res}
+    return {**dataclasses.asdict(run), "key": run.key, "wall_s": wall, "code": _commit(),
+            **res}
+
+
+def _commit() -> str:
+    """The code a run was measured with: HEAD, plus '+dirty' if tracked files differ."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=str(REPO), capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _finite(x: Any) -> Any:

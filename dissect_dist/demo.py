@@ -1,7 +1,7 @@
 """The demo: DISSect vs random selection at the same ratio, with full-data training as the
 reference, on noisy Fashion-MNIST in the regime where DISSect's premise can hold.
 
-    python -m dissect_dist.demo [--subset 500] [--epochs 80] [--noise 0.4] [--ratio 0.3]
+    python -m dissect_dist.demo [--subset 500] [--epochs 64] [--noise 0.4] [--ratio 0.3]
 
 Builds Fashion-MNIST pairs with 40% of captions swapped to another class (once, in
 data/), then trains the tiny CLIP of launch/configs/tiny-cpu.yaml with `full`,
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=500)
     p.add_argument("--noise", type=float, default=0.4)
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--epochs", type=int, default=64)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "runs" / "demo"))

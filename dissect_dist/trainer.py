@@ -63,7 +63,7 @@ class Trainer:
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=o.fused or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.total_steps))
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched,
