@@ -342,7 +342,7 @@ def tables(res: dict[str, Any], regime: str) -> str:
     lines = [f"### Regime `{regime}`: main table (noise {noise}, r = {ratio}; mean ± std over "
              "seeds)", "",
              "| strategy | seeds | final acc | best acc | kept precision (mean over epochs) "
-             "| key AUROC clean vs noisy, first / mid / last epoch (δ for dissect) | trained samples | samples to reach full's "
+             "| key AUROC clean vs noisy, first / mid / last epoch with a key (δ for dissect) | trained samples | samples to reach full's "
              "best | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     labels = list(dict.fromkeys(r["label"] for r in reg_runs))
     for label in labels:
@@ -483,8 +483,9 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         for label, color in (("dissect_momentum", "tab:green"), ("dissect_warmup", "tab:purple")):
             au = [r["delta_auroc"] for r in dis if r["label"] == label]
             if au:
-                m = np.nanmean(np.array([[np.nan if x is None else x for x in a] for a in au],
-                                        dtype=float), axis=0)
+                arr = np.array([[np.nan if x is None else x for x in a] for a in au], float)
+                seen = (~np.isnan(arr)).sum(0)  # epochs without a key (warm-up) stay NaN
+                m = np.where(seen > 0, np.nansum(arr, 0) / np.maximum(seen, 1), np.nan)
                 ax.plot(np.arange(1, len(m) + 1), m, color=color,
                         label=f"{label}: δ AUROC clean vs noisy ({len(au)} seeds)")
         ax.axhline(0.5, color="grey", lw=0.8)
