@@ -238,6 +238,9 @@ def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
         "steps": train_rows[-1]["step"], "trained_samples": train_rows[-1]["trained_total"],
         "kept_precision": [_finite(x.get("kept_precision")) for x in train_rows],
         "delta_auroc": [_finite(x.get("key_auroc_clean_vs_noisy")) for x in epochs],
+        # full/random runs: δ of dissect_momentum's rule on this model, steering nothing
+        "shadow_delta_auroc": [_finite(x.get("shadow_delta_auroc_clean_vs_noisy"))
+                               for x in epochs],
         "score_clean": [_finite(x.get("mean_score_clean")) for x in epochs],
         "score_noisy": [_finite(x.get("mean_score_noisy")) for x in epochs],
         "key_hist": {str(i): epochs[i]["key_hist"] for i in hist_at if "key_hist" in epochs[i]},
@@ -380,9 +383,10 @@ def tables(res: dict[str, Any], regime: str) -> str:
     fulls = [r for r in _runs(res, regime, strategy="full", noise=noise) if r["seed"] == 0]
     if fulls and fulls[0]["score_clean"]:
         f = fulls[0]
-        n_ep = len(f["score_clean"])
-        at = sorted({0, *range(max(n_ep // 8, 1), n_ep, max(n_ep // 8, 1)), n_ep - 1})
         acc = {round(c["epoch"]) - 1: c["metric"] for c in f["curve"]}  # 0-based epochs
+        evals = sorted(acc)
+        every = max(len(evals) // 8, 1)  # at most ~9 columns, at evaluated epochs
+        at = sorted({0, *evals[every - 1::every], evals[-1]})
         lines += ["", f"Memorisation diagnostic (full data, noise {noise}, seed 0): mean "
                   "CLIPScore of clean and noisy pairs, and held-out accuracy", "",
                   "| epoch | " + " | ".join(str(e + 1) for e in at) + " |",
@@ -391,6 +395,11 @@ def tables(res: dict[str, Any], regime: str) -> str:
                   "| noisy | " + " | ".join(f"{f['score_noisy'][e]:.1f}" for e in at) + " |",
                   "| accuracy | " + " | ".join(f"{acc[e]:.3f}" if e in acc else ""
                                               for e in at) + " |"]
+        sh = f.get("shadow_delta_auroc") or []
+        if any(x is not None for x in sh):
+            lines.append("| δ AUROC, dissect_momentum's rule on this model (steers nothing) | "
+                         + " | ".join("-" if sh[e] is None else f"{sh[e]:.2f}" for e in at)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -489,6 +498,13 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
                 ax.plot(np.arange(1, len(m) + 1), m, color=color,
                         label=f"{label}: δ AUROC clean vs noisy ({len(au)} seeds)")
         ax.axhline(0.5, color="grey", lw=0.8)
+        shadow = [f["shadow_delta_auroc"] for f in fulls
+                  if any(x is not None for x in f.get("shadow_delta_auroc") or [])]
+        if shadow:
+            m = np.array([[np.nan if x is None else x for x in a] for a in shadow], float)
+            ax.plot(np.arange(1, m.shape[1] + 1), m.mean(0), color="tab:blue", ls="-.",
+                    label=f"full data: δ AUROC of the same rule, steering nothing "
+                    f"({len(shadow)} seeds)")
         gap = np.mean([np.subtract(f["score_clean"], f["score_noisy"]) for f in fulls], axis=0)
         ax2.plot(np.arange(1, len(gap) + 1), gap, color="tab:red", ls="--",
                  label="full data: clean − noisy mean CLIPScore")

@@ -28,7 +28,7 @@ from dissect_dist.evaluate import EvalSet, retrieval_on, zeroshot_counts
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink, auroc, key_histogram
 from dissect_dist.selection import ScoredBatch, Selector, build_strategy
-from store import ScoreStore, TorchDistributed
+from store import Momentum, ScoreStore, TorchDistributed
 
 
 class Trainer:
@@ -75,6 +75,14 @@ class Trainer:
         self.trained_total = 0  # kept rows trained on, all ranks, whole run
         self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
+        # The memorisation diagnostic of a run that keeps everything also tracks the δ that
+        # dissect_momentum's rule would compute on this model (a shadow store; it steers
+        # nothing and restarts on resume): does δ separate noisy pairs under full training?
+        self._shadow: ScoreStore | None = None
+        self._shadow_keys: list[tuple[np.ndarray, np.ndarray]] = []
+        if cfg.train.diagnose_scores and self.noisy is not None and \
+                not self.selector.strategy.needs_scores:
+            self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device)
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._samples_file = None
@@ -140,6 +148,12 @@ class Trainer:
             c = curr.double()
             self._score_sums += torch.stack([c[~noisy_b].sum(), (~noisy_b).sum().double(),
                                              c[noisy_b].sum(), noisy_b.sum().double()])
+        if self._shadow is not None and curr is not None:
+            hist = self._shadow.exchange(ids, curr, Momentum(beta=self.cfg.selection.beta))
+            shadow_delta = torch.where(torch.isnan(hist), curr, hist) - curr
+            if b:
+                self._shadow_keys.append((shadow_delta.float().cpu().numpy(),
+                                          self.noisy[batch.ids.numpy()]))
         if not strat.needs_scores:
             curr = None  # scored for the diagnostic only: the strategy sees what it asked for
         sel = self.selector.select(ScoredBatch(ids, curr, loss_i, self.loader.epoch))
@@ -253,6 +267,13 @@ class Trainer:
             k = np.concatenate(keys)
             vals["key_auroc_clean_vs_noisy"] = auroc(k, ~noisy)
             vals["key_hist"] = key_histogram(k, noisy)
+        if self._shadow is not None:
+            shadow = self.comm.all_gather_object(self._shadow_keys)
+            self._shadow_keys = []
+            sk = [k for p in shadow for k, _ in p]
+            if sk:
+                vals["shadow_delta_auroc_clean_vs_noisy"] = auroc(
+                    np.concatenate(sk), ~np.concatenate([n for p in shadow for _, n in p]))
         s_clean, n_clean, s_noisy, n_noisy = sums.tolist()
         if n_clean + n_noisy > 0:
             vals["mean_score_clean"] = s_clean / max(n_clean, 1)

@@ -52,6 +52,9 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     assert sum(h["clean"]) + sum(h["noisy"]) == 8 * 64 and sum(h["noisy"]) > 0
     # the diagnostic: the full run scores every batch, clean and noisy separately
     assert len(full["score_clean"]) == 2 and all(math.isfinite(x) for x in full["score_noisy"])
+    # ... and the δ that dissect_momentum's rule would give on the full-data model
+    assert all(0.0 <= a <= 1.0 for a in full["shadow_delta_auroc"])
+    assert dm["shadow_delta_auroc"] == [None, None]  # dissect has its own δ
     assert "| dissect_momentum | 1 |" in r.stdout
     for what in ("accuracy_vs_samples", "diagnostic", "delta_hist", "kept_precision"):
         png = tmp_path / "nc" / f"quick_{what}.png"
