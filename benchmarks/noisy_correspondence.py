@@ -270,6 +270,9 @@ def main() -> int:
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no new run after this many minutes")
     p.add_argument("--report", action="store_true", help="only print tables and draw plots")
+    p.add_argument("--refresh", action="store_true",
+                   help="re-derive finished runs' summaries from their kept metrics.jsonl "
+                   "(after the summary gains a field), keeping wall time and code version")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/"
                    "noisy_correspondence[_quick].json)")
     p.add_argument("--data", default=str(REPO / "data" / "nc"))
@@ -279,6 +282,15 @@ def main() -> int:
     out = Path(a.out or REPO / "benchmarks" / "results" /
                f"noisy_correspondence{'_quick' if a.quick else ''}.json")
     res = load_results(out)
+    if a.refresh:
+        n = 0
+        for key, r in res["runs"].items():
+            metrics = Path(a.runs) / key.replace("/", "__")
+            if r["regime"] in REGIMES and (metrics / "metrics.jsonl").exists():
+                r.update(summarise(read_metrics(metrics), REGIMES[r["regime"]]))
+                n += 1
+        save_results(out, res)
+        print(f"[nc] refreshed {n} of {len(res['runs'])} runs from {a.runs}")
     if not a.report:
         todo = interleave([grid(REGIMES[n]) for n in names])
         done = [r for r in todo if r.key in res["runs"]]

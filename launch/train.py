@@ -15,6 +15,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dissect_dist.config import ConfigError, load_config  # noqa: E402
 
 
+def _release_cpu_comm_workspace() -> None:
+    """DeepSpeed 0.19.8's CPU comm op maps a 66 MB /dev/shm segment per rank and never
+    unlinks it: every launch leaked 132 MB (2 ranks) of RAM until /dev/shm filled memory.
+    Unlink this rank's at exit (the other ranks' mappings stay valid). A run killed with
+    SIGKILL still leaves its segments: rm /dev/shm/deepspeed_allreduce_buffer_*."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    rank = os.environ.get("LOCAL_RANK")
+    if addr and port and rank is not None:
+        name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None, help="run config YAML")
@@ -38,11 +53,14 @@ def main() -> int:
     deepspeed.init_distributed(dist_backend=None)
     from dissect_dist.trainer import Trainer
 
-    trainer = Trainer(cfg, ds_cfg, resume=args.resume)
     try:
-        final = trainer.train()
+        trainer = Trainer(cfg, ds_cfg, resume=args.resume)
+        try:
+            final = trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        _release_cpu_comm_workspace()
     if trainer.rank == 0:
         print(json.dumps({"final": final, "step": trainer.step}))
     return 0
