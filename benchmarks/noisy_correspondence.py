@@ -476,9 +476,7 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel="mean CLIPScore during training",
                title=f"{regime}: full-data training, noise {noise} ({len(fulls)} seeds)")
         ax2.set_ylabel("zero-shot accuracy")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+        _legend(ax, ax2, fontsize=8, loc="lower right")
         paths.append(_save(fig, prefix, regime, "diagnostic"))
     # 3. δ histograms, clean vs noisy
     dm = [r for r in main if r["label"] == "dissect_momentum" and r["key_hist"]]
@@ -525,9 +523,7 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
                title=f"{regime}: is δ informative before the noisy pairs are memorised?")
         ax2.set_ylabel("clean − noisy score gap (full data)")
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+        _legend(ax, ax2, fontsize=7, loc="lower left")
         paths.append(_save(fig, prefix, regime, "timing"))
     # 4. kept precision over training
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -541,6 +537,13 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
     ax.legend(fontsize=7)
     paths.append(_save(fig, prefix, regime, "kept_precision"))
     return paths
+
+
+def _legend(ax: Any, ax2: Any, **kw: Any) -> None:
+    """One legend for a plot with two y axes."""
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, **kw)
 
 
 def _save(fig: Any, prefix: Path, regime: str, what: str) -> Path:
