@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 setup:
 	@bash .ci/setup $(VENV)
 
-# The main job: full vs DISSect vs random on noisy Fashion-MNIST, 2 CPU ranks (~7 min).
+# The main job: full vs DISSect vs random on noisy Fashion-MNIST, 2 CPU ranks (~8 min).
 demo: setup
 	$(PY) -m dissect_dist.demo
 
