@@ -35,8 +35,9 @@ def pools() -> Iterator[Pools]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_killed_runs_shm_segments() -> Iterator[None]:
-    """Runs that tests kill with SIGKILL cannot unlink DeepSpeed's CPU comm segments (66 MB per rank in
-    /dev/shm, see launch/train.py); remove those this session created once it ends."""
+    """Runs that tests kill with SIGKILL cannot unlink DeepSpeed's CPU comm segments
+    (66 MB per rank in /dev/shm, see launch/train.py); remove those this session created
+    once it ends."""
     import glob
     import time
 
