@@ -115,15 +115,6 @@ def zeroshot_counts(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet, ro
     return correct, total
 
 
-def zeroshot_accuracy(model: torch.nn.Module, tokenizer: Any, preprocess: Any, root: str,
-                      device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy on `root`/test with class embeddings averaged over templates."""
-    evalset = EvalSet(str(Path(root) / "test" / "manifest.json"), preprocess, batch_size,
-                      cache_bytes=0)
-    correct, total = zeroshot_counts(model, tokenizer, evalset, root, device)
-    return correct / max(total, 1)
-
-
 @torch.no_grad()
 def retrieval_on(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet,
                  device: torch.device) -> dict[str, float]:

@@ -83,6 +83,7 @@ class Trainer:
         if cfg.train.diagnose_scores and self.noisy is not None and \
                 not self.selector.strategy.needs_scores:
             self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device)
+        self._shadow_rule = Momentum(beta=cfg.selection.beta)
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._samples_file = None
@@ -143,17 +144,18 @@ class Trainer:
             # cores); without this barrier that skew would be booked as exchange time.
             dist.barrier()
         t["wait"] = time.perf_counter()
-        if self.noisy is not None and curr is not None and b:
-            noisy_b = torch.from_numpy(self.noisy[batch.ids.numpy()]).to(self.device)
+        # The batch's rows of the noise ledger, looked up once per step (evaluation only).
+        noisy_np = self.noisy[batch.ids.numpy()] if self.noisy is not None else None
+        if noisy_np is not None and curr is not None and b:
+            noisy_b = torch.from_numpy(noisy_np).to(self.device)
             c = curr.double()
             self._score_sums += torch.stack([c[~noisy_b].sum(), (~noisy_b).sum().double(),
                                              c[noisy_b].sum(), noisy_b.sum().double()])
         if self._shadow is not None and curr is not None:
-            hist = self._shadow.exchange(ids, curr, Momentum(beta=self.cfg.selection.beta))
+            hist = self._shadow.exchange(ids, curr, self._shadow_rule)
             shadow_delta = torch.where(torch.isnan(hist), curr, hist) - curr
             if b:
-                self._shadow_keys.append((shadow_delta.float().cpu().numpy(),
-                                          self.noisy[batch.ids.numpy()]))
+                self._shadow_keys.append((shadow_delta.float().cpu().numpy(), noisy_np))
         if not strat.needs_scores:
             curr = None  # scored for the diagnostic only: the strategy sees what it asked for
         sel = self.selector.select(ScoredBatch(ids, curr, loss_i, self.loader.epoch))
@@ -174,12 +176,11 @@ class Trainer:
         # Tensors, not Python numbers: converted once per log window, not every step.
         out = {"loss": loss.detach(), "b": b, "kept": keep.sum(),
                "time": {k: t[k] - t[p] for p, k in zip(phases, phases[1:])}}
-        if self.noisy is not None:
-            ids_np = batch.ids.numpy()
+        if noisy_np is not None:
             kept_np = keep.cpu().numpy()
-            out["kept_clean"] = int((~self.noisy[ids_np[kept_np]]).sum())
+            out["kept_clean"] = int((~noisy_np[kept_np]).sum())
             if sel.key is not None:
-                self._epoch_keys.append((sel.key.float().cpu().numpy(), self.noisy[ids_np]))
+                self._epoch_keys.append((sel.key.float().cpu().numpy(), noisy_np))
         if self._samples_file is not None:
             self._samples_file.write(json.dumps({
                 "step": self.step, "epoch": self.loader.epoch, "ids": batch.ids.tolist(),
@@ -261,19 +262,15 @@ class Trainer:
         dist.all_reduce(sums)
         self._score_sums.zero_()
         vals: dict[str, Any] = {"epoch": epoch}
-        keys = [k for p in parts for k, _ in p]
-        if keys:
-            noisy = np.concatenate([n for p in parts for _, n in p])
-            k = np.concatenate(keys)
+        k, noisy = _concat(parts)
+        if k.size:
             vals["key_auroc_clean_vs_noisy"] = auroc(k, ~noisy)
             vals["key_hist"] = key_histogram(k, noisy)
         if self._shadow is not None:
-            shadow = self.comm.all_gather_object(self._shadow_keys)
+            k, noisy = _concat(self.comm.all_gather_object(self._shadow_keys))
             self._shadow_keys = []
-            sk = [k for p in shadow for k, _ in p]
-            if sk:
-                vals["shadow_delta_auroc_clean_vs_noisy"] = auroc(
-                    np.concatenate(sk), ~np.concatenate([n for p in shadow for _, n in p]))
+            if k.size:
+                vals["shadow_delta_auroc_clean_vs_noisy"] = auroc(k, ~noisy)
         s_clean, n_clean, s_noisy, n_noisy = sums.tolist()
         if n_clean + n_noisy > 0:
             vals["mean_score_clean"] = s_clean / max(n_clean, 1)
@@ -361,3 +358,11 @@ class Trainer:
         self.sink.close()
         if self._samples_file is not None:
             self._samples_file.close()
+
+
+def _concat(parts: list[list[tuple[np.ndarray, np.ndarray]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (keys, noisy) pairs of an epoch, concatenated (empty if none)."""
+    rows = [x for p in parts for x in p]
+    if not rows:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate([k for k, _ in rows]), np.concatenate([n for _, n in rows])
