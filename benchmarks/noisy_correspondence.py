@@ -325,6 +325,15 @@ def _runs(res: dict[str, Any], regime: str, **match: Any) -> list[dict[str, Any]
             and all(r[k] == v for k, v in match.items())]
 
 
+def _labels(runs: list[dict[str, Any]]) -> list[str]:
+    """The runs' labels in table order: the strategies as ALL lists them, the variant
+    rows, then any other label (not the results file's order, which depends on what was
+    rerun when)."""
+    order = ALL + [v[0] for v in VARIANTS]
+    return sorted(dict.fromkeys(r["label"] for r in runs),
+                  key=lambda x: order.index(x) if x in order else len(order))
+
+
 def _ms(xs: list[float], fmt: str = ".3f") -> str:
     """mean ± std over seeds (std only with 2+ values)."""
     if not xs:
@@ -359,7 +368,7 @@ def tables(res: dict[str, Any], regime: str) -> str:
              "| strategy | seeds | final acc | best acc | kept precision (mean over epochs) "
              "| key AUROC clean vs noisy, first / mid / last epoch with a key (δ for dissect) | trained samples | samples to reach full's "
              "best | wall s |", "|---|---|---|---|---|---|---|---|---|"]
-    labels = list(dict.fromkeys(r["label"] for r in reg_runs))
+    labels = _labels(reg_runs)
     for label in labels:
         rs = [r for r in _runs(res, regime, label=label, noise=noise)
               if r["ratio"] in (ratio, 1.0)]
@@ -446,8 +455,9 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         return []
     meta = res.get("meta", {}).get("regimes", {}).get(regime, {})
     noise, ratio = meta.get("noise", 0.4), meta.get("ratio", 0.3)
-    main = [r for r in reg_runs if r["noise"] == noise and r["ratio"] in (ratio, 1.0)]
-    labels = list(dict.fromkeys(r["label"] for r in main))
+    main = sorted((r for r in reg_runs if r["noise"] == noise and r["ratio"] in (ratio, 1.0)),
+                  key=lambda r: r["seed"])  # the first run of a label is its lowest seed
+    labels = _labels(main)
     paths = []
     # 1. held-out accuracy vs trained samples (seed 0 of each strategy)
     fig, ax = plt.subplots(figsize=(8, 5))
