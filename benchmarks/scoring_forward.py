@@ -1,0 +1,139 @@
+"""What the no-grad scoring pass of a DISSect step costs next to a training forward +
+backward, on one process, for the same model and batch: the cost model behind the
+step-time target of `step_overhead.py` (score B rows without gradient + train on r*B rows
+<= 0.7x training on B rows needs the scoring pass at ~1/3 of a forward + backward).
+
+    python benchmarks/scoring_forward.py [--model small-vit-28] [--batch 256] [--threads 1]
+
+Times (median of --iters after --warmup) for each variant of the scoring forward the
+trainer could use (eval or train mode; `no_grad` or `inference_mode`), each tower alone,
+and the training forward + backward of the whole batch and of r*B rows. Inputs are random
+images and real tokenised captions; nothing here depends on the data. Writes
+benchmarks/results/scoring_forward_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dissect_dist import model as modellib  # noqa: E402
+from dissect_dist.loss import clip_loss  # noqa: E402
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall milliseconds of fn()."""
+    out = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            out.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small-vit-28")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU; one rank's share)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    model, _, _, tokenizer = modellib.create(a.model)
+    model = model.to(device, dtype)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
+    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+               "sneaker", "bag", "ankle boot"]
+    texts = tokenizer([f"a photo of a {classes[i % 10]}." for i in range(a.batch)]).to(device)
+    k = max(1, round(a.ratio * a.batch))
+    params = [q for q in model.parameters() if q.requires_grad]
+
+    def train(n: int) -> Callable[[], None]:
+        def fn() -> None:
+            model.train()
+            img, txt = modellib.encode(model, images[:n], texts[:n])
+            clip_loss(img, txt, model.logit_scale, 1).backward()
+            for q in params:
+                q.grad = None
+        return fn
+
+    def score(mode: str, ctx: Callable[[], object], part: str = "both") -> Callable[[], None]:
+        def fn() -> None:
+            model.train(mode == "train")
+            with ctx():  # type: ignore[attr-defined]
+                if part in ("both", "image"):
+                    model.encode_image(images, normalize=True)
+                if part in ("both", "text"):
+                    model.encode_text(texts, normalize=True)
+        return fn
+
+    def fwd_grad(part: str) -> Callable[[], None]:
+        def fn() -> None:
+            model.train()
+            f = (model.encode_image(images, normalize=True) if part == "image"
+                 else model.encode_text(texts, normalize=True))
+            f.float().sum().backward()
+            for q in params:
+                q.grad = None
+        return fn
+
+    cases: dict[str, Callable[[], None]] = {
+        "train_fwd_bwd_B": train(a.batch),
+        f"train_fwd_bwd_{a.ratio}B": train(k),
+        "score_eval_no_grad (trainer)": score("eval", torch.no_grad),
+        "score_train_no_grad": score("train", torch.no_grad),
+        "score_eval_inference_mode": score("eval", torch.inference_mode),
+        "score_eval_no_grad_image_only": score("eval", torch.no_grad, "image"),
+        "score_eval_no_grad_text_only": score("eval", torch.no_grad, "text"),
+        "fwd_bwd_image_only": fwd_grad("image"),
+        "fwd_bwd_text_only": fwd_grad("text"),
+    }
+    ms = {}
+    for name, fn in cases.items():
+        ms[name] = timed(fn, device, a.warmup, a.iters)
+        print(f"{name:36s} {ms[name]:9.1f} ms", flush=True)
+    full = ms["train_fwd_bwd_B"]
+    ratios = {name: v / full for name, v in ms.items()}
+    step = ms["score_eval_no_grad (trainer)"] + ms[f"train_fwd_bwd_{a.ratio}B"]
+    print(f"scoring / full fwd+bwd: {ratios['score_eval_no_grad (trainer)']:.2f}  "
+          f"train on {a.ratio}B / full: {ratios[f'train_fwd_bwd_{a.ratio}B']:.2f}  "
+          f"score + train kept (no optimizer, no exchange) / full: {step / full:.2f}")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    res = {"model": a.model, "batch": a.batch, "ratio": a.ratio, "threads": a.threads,
+           "dtype": a.dtype, "device": dev, "torch": torch.__version__, "ms": ms,
+           "ratio_to_full_fwd_bwd": ratios, "score_plus_train_kept_over_full": step / full}
+    out = Path(a.out) if a.out else (REPO / "benchmarks" / "results" /
+                                     f"scoring_forward_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
