@@ -52,7 +52,7 @@ def audit(run_dir: Path, labels: np.ndarray, epochs: int) -> dict[str, Any]:
             kept_by_epoch[row["epoch"]] += ids[keep].tolist()
     n, k = labels.size, int(labels.max()) + 1
     seen = np.zeros(n, dtype=bool)
-    out: dict[str, list[float]] = {"coverage": [], "class_share_min": [],
+    out: dict[str, list[float | None]] = {"coverage": [], "class_share_min": [],
                                    "class_share_max": [], "class_entropy_bits": [],
                                    "kept_again_next_epoch": []}
     prev: set[int] = set()
@@ -67,7 +67,7 @@ def audit(run_dir: Path, labels: np.ndarray, epochs: int) -> dict[str, Any]:
         out["class_entropy_bits"].append(float(-(nz * np.log2(nz)).sum()))
         cur = set(ids)
         out["kept_again_next_epoch"].append(
-            float(len(cur & prev) / len(prev)) if prev else float("nan"))
+            len(cur & prev) / len(prev) if prev else None)
         prev = cur
     counts = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in kept_by_epoch]),
                          minlength=n)
@@ -109,11 +109,12 @@ def main() -> None:
               f"after 1/5/{e} epochs {x['coverage'][0]:.2f}/{x['coverage'][min(4, e - 1)]:.2f}/"
               f"{x['coverage'][-1]:.2f}  class share min/max (mean over epochs) "
               f"{np.mean(x['class_share_min']):.3f}/{np.mean(x['class_share_max']):.3f}  "
-              f"kept again next epoch {np.nanmean(x['kept_again_next_epoch']):.2f}  "
+              f"kept again next epoch "
+              f"{np.mean([v for v in x['kept_again_next_epoch'] if v is not None]):.2f}  "
               f"times trained per pair {x['times_trained_per_pair']}", flush=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     out = REPO / "benchmarks" / "results" / "selection_audit.json"
-    out.write_text(json.dumps(res, indent=1, allow_nan=True) + "\n")
+    out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 
 
