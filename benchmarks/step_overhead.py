@@ -32,7 +32,7 @@ def run(strategy: str, manifest: str, model: str, batch: int, a: argparse.Namesp
     run_dir = out / f"{model}-{batch}-{strategy}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     r = run_training([f"model.name={model}", f"data.train_manifest={manifest}",
-                      f"data.batch_size={batch}", "data.workers=1",
+                      f"data.batch_size={batch}", f"data.workers={a.workers}",
                       f"selection.strategy={strategy}", "selection.ratio=0.3",
                       f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
                       "train.time_breakdown=true", f"train.run_dir={run_dir}"])
@@ -55,6 +55,8 @@ def main() -> None:
                    help="model:per-rank batch (repeatable; default tiny-vit-28:128 and "
                    "small-vit-28:256)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="data workers per rank")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_overhead.json"))
     a = p.parse_args()
     setups = [(m, int(b)) for m, b in (x.split(":") for x in
                                       (a.setup or ["tiny-vit-28:128", "small-vit-28:256"]))]
@@ -91,7 +93,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
         "steps": a.steps, "repeats": a.repeats, "runs": runs, "setups": results,
     }
-    path = REPO / "benchmarks" / "results" / "step_overhead.json"
+    path = Path(a.out)
     path.write_text(json.dumps(res, indent=2))
     for r in results:
         mean = r["mean_split_ms"]
