@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dissect_dist import model as modellib  # noqa: E402
+from dissect_dist.data.builders import FASHION_CLASSES, FASHION_TEMPLATES  # noqa: E402
 from dissect_dist.loss import clip_loss  # noqa: E402
 
 
@@ -68,19 +69,16 @@ def main() -> None:
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     images = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
-    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-               "sneaker", "bag", "ankle boot"]
-    texts = tokenizer([f"a photo of a {classes[i % 10]}." for i in range(a.batch)]).to(device)
+    texts = tokenizer([FASHION_TEMPLATES[i % len(FASHION_TEMPLATES)].format(
+        FASHION_CLASSES[i % len(FASHION_CLASSES)]) for i in range(a.batch)]).to(device)
     k = max(1, round(a.ratio * a.batch))
-    params = [q for q in model.parameters() if q.requires_grad]
 
     def train(n: int) -> Callable[[], None]:
         def fn() -> None:
             model.train()
             img, txt = modellib.encode(model, images[:n], texts[:n])
             clip_loss(img, txt, model.logit_scale, 1).backward()
-            for q in params:
-                q.grad = None
+            model.zero_grad(set_to_none=True)
         return fn
 
     def score(mode: str, ctx: Callable[[], object], part: str = "both") -> Callable[[], None]:
@@ -99,8 +97,7 @@ def main() -> None:
             f = (model.encode_image(images, normalize=True) if part == "image"
                  else model.encode_text(texts, normalize=True))
             f.float().sum().backward()
-            for q in params:
-                q.grad = None
+            model.zero_grad(set_to_none=True)
         return fn
 
     cases: dict[str, Callable[[], None]] = {

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import noisy_correspondence as nc  # noqa: E402
 
 from dissect_dist.data.builders import FASHION_MNIST_DIR, _read_idx  # noqa: E402
-from dissect_dist.launching import read_metrics, run_training  # noqa: E402
 
 
 def true_labels(reg: nc.Regime) -> np.ndarray:
@@ -76,6 +74,18 @@ def audit(run_dir: Path, labels: np.ndarray, epochs: int) -> dict[str, Any]:
         "never": int((counts == 0).sum())}}
 
 
+def summary_line(strategy: str, x: dict[str, Any]) -> str:
+    again = [v for v in x["kept_again_next_epoch"] if v is not None]
+    cov = x["coverage"]
+    return (f"{strategy:18s} acc {x['final_acc']:.3f} (best {x['best_acc']:.3f})  coverage "
+            f"after 1/{min(5, len(cov))}/{len(cov)} epochs {cov[0]:.2f}/{cov[min(4, len(cov) - 1)]:.2f}/"
+            f"{cov[-1]:.2f}  class share min/max (mean over epochs) "
+            f"{np.mean(x['class_share_min']):.3f}/{np.mean(x['class_share_max']):.3f}  "
+            f"class entropy {np.mean(x['class_entropy_bits']):.2f} bits  "
+            f"kept again next epoch {np.mean(again):.2f}  "
+            f"times trained per pair {x['times_trained_per_pair']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,36 +94,29 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--strategy", action="append", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", action="store_true",
+                   help="only print the summary lines of the saved results")
     a = p.parse_args()
+    out = REPO / "benchmarks" / "results" / "selection_audit.json"
+    if a.report:
+        for strategy, x in json.loads(out.read_text())["runs"].items():
+            print(summary_line(strategy, x))
+        return
     reg = nc.REGIMES[a.regime]
     data = nc.dataset(reg, a.noise, REPO / "data" / "nc")
     labels = true_labels(reg)
     res: dict[str, Any] = {"regime": a.regime, "noise": a.noise, "ratio": a.ratio,
                            "seed": a.seed, "chance_class_share": 1 / (labels.max() + 1),
                            "runs": {}}
+    runs_root = REPO / "runs" / "audit"
     for strategy in a.strategy or ["random", "dissect_momentum"]:
-        run = nc.Run(reg.name, strategy, strategy, a.noise, a.ratio, a.seed)
-        run_dir = REPO / "runs" / "audit" / run.key.replace("/", "__")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        r = run_training(nc.overrides(reg, run, data, run_dir) + ["train.record_samples=true"],
-                         log=run_dir / "launch.log")
-        if r.returncode != 0:
-            raise SystemExit(f"{run.key} failed (exit {r.returncode}):\n{r.output[-2000:]}")
-        evals = [x for x in read_metrics(run_dir) if x["kind"] == "eval"]
-        res["runs"][strategy] = {"final_acc": evals[-1]["zeroshot_acc"],
-                                 "best_acc": max(x["zeroshot_acc"] for x in evals),
-                                 "wall_s": r.wall_s, **audit(run_dir, labels, reg.epochs)}
-        x = res["runs"][strategy]
-        e = reg.epochs
-        print(f"{strategy:18s} acc {x['final_acc']:.3f} (best {x['best_acc']:.3f})  coverage "
-              f"after 1/5/{e} epochs {x['coverage'][0]:.2f}/{x['coverage'][min(4, e - 1)]:.2f}/"
-              f"{x['coverage'][-1]:.2f}  class share min/max (mean over epochs) "
-              f"{np.mean(x['class_share_min']):.3f}/{np.mean(x['class_share_max']):.3f}  "
-              f"kept again next epoch "
-              f"{np.mean([v for v in x['kept_again_next_epoch'] if v is not None]):.2f}  "
-              f"times trained per pair {x['times_trained_per_pair']}", flush=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    out = REPO / "benchmarks" / "results" / "selection_audit.json"
+        run = nc.Run(reg.name, strategy, strategy, a.noise, a.ratio, a.seed,
+                     extra=(("train.record_samples", True),))
+        r = nc.train(reg, run, data, runs_root)
+        res["runs"][strategy] = {
+            "final_acc": r["final"], "best_acc": r["best"], "wall_s": r["wall_s"],
+            **audit(runs_root / run.key.replace("/", "__"), labels, reg.epochs)}
+        print(summary_line(strategy, res["runs"][strategy]), flush=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

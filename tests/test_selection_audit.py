@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,6 @@ def test_true_labels_match_clean_captions(tmp_path: Path):
     reg = nc.REGIMES["quick"]
     build_fashion_mnist(str(tmp_path), noise=0.0, subset=reg.subset)
     labels = sa.true_labels(reg)
-    import tarfile
-
     captions = {}
     for shard in sorted((tmp_path / "train").glob("shard-*.tar")):
         with tarfile.open(shard) as t:
