@@ -73,6 +73,9 @@ class Regime:
     ratio_sweep_strategies: tuple[str, ...] = ("random", "dissect_momentum")
     main_strategies: tuple[str, ...] = tuple(ALL)
     variants: bool = True
+    # Data workers per rank. The sample order and augmentation do not depend on it (the
+    # loader's contract), so neither do the results, only the wall time.
+    workers: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,7 +88,10 @@ REGIMES = {
                     eval_every_epochs=1, warmup_epochs=1),
     "memorise": Regime(name="memorise", subset=500, model="tiny-vit-28", batch_per_rank=32,
                        epochs=64, lr=2e-3, weight_decay=0.0, warmup_steps=20,
-                       schedule="constant", eval_every_epochs=4, warmup_epochs=13),
+                       schedule="constant", eval_every_epochs=4, warmup_epochs=13,
+                       # 7 batches per epoch: re-forking a worker every epoch cost more than
+                       # the decoding it overlapped (a run took 116 s without, 156 s with).
+                       workers=0),
     # The smoke run of the test suite: the same code path in about a minute per regime.
     "quick": Regime(name="quick", subset=512, model="tiny-vit-28", batch_per_rank=32,
                     epochs=2, lr=1e-3, weight_decay=0.01, warmup_steps=4, schedule="cosine",
@@ -175,7 +181,7 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
         "data.train_manifest": f"{data}/train/manifest.json",
         "data.noise_ledger": f"{data}/train/noise_ledger.npy",
         "data.zeroshot_dir": str(data), "data.batch_size": reg.batch_per_rank,
-        "data.workers": 1,
+        "data.workers": reg.workers,
         "selection.strategy": run.strategy, "selection.ratio": run.ratio,
         "selection.warmup_epochs": reg.warmup_epochs,
         "optim.lr": reg.lr, "optim.weight_decay": reg.weight_decay,

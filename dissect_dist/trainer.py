@@ -51,7 +51,7 @@ class Trainer:
             self.manifest, rank=self.rank, world_size=self.world,
             batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
             tokenizer=self.tokenizer, num_workers=cfg.data.workers,
-            shuffle_window=cfg.data.shuffle_window)
+            shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.comm = TorchDistributed()
@@ -89,6 +89,7 @@ class Trainer:
         self._samples_file = None
         self._zs_set: EvalSet | None = None
         self._ret_set: EvalSet | None = None
+        self._last_eval: tuple[int, dict[str, Any]] | None = None  # (step, results)
         if resume:
             self._resume(resume)
         if cfg.train.record_samples:
@@ -117,10 +118,12 @@ class Trainer:
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         t = {"start": time.perf_counter()}
-        ids = batch.ids.to(self.device)
+        # Page-locked on CUDA (the loader pins), so the copies run asynchronously.
+        ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
-        images = batch.images.to(self.device, self.dtype) if b else batch.images
-        texts = batch.texts.to(self.device) if b else batch.texts
+        images = batch.images.to(self.device, non_blocking=True).to(self.dtype) if b \
+            else batch.images
+        texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
         if b and self._dummy is None:
             self._dummy = (images[:1].clone(), texts[:1].clone())
         strat = self.selector.strategy
@@ -219,7 +222,9 @@ class Trainer:
             if self.loader.cursor >= len(self.loader):
                 self._end_of_epoch(epoch)
         bar.close()
-        final = self.evaluate()
+        # The last step was evaluated already when eval_every divides the run's length.
+        done = self._last_eval
+        final = done[1] if done is not None and done[0] == self.step else self.evaluate()
         self.save()
         if self.rank == 0:  # the trained model, loadable by open_clip.create_model(name, path)
             modellib.export_open_clip(self.engine.module, str(self.run_dir / "open_clip_model.pt"))
@@ -283,6 +288,7 @@ class Trainer:
         """Zero-shot accuracy (the test split shared by all ranks) and retrieval (rank 0);
         the held-out sets are decoded once per run and kept in memory when small."""
         res: dict[str, Any] = {}
+        t0 = time.perf_counter()
         self.engine.eval()
         if self.cfg.data.zeroshot_dir:
             root = self.cfg.data.zeroshot_dir
@@ -301,9 +307,13 @@ class Trainer:
         self.engine.train()
         if self.rank != 0:
             res = {}
-        elif res and log:
-            self.sink.log(self.step, "eval", res)
+        elif res:
+            res["eval_s"] = time.perf_counter() - t0  # rank 0's, retrieval included
+            if log:
+                self.sink.log(self.step, "eval", res)
         dist.barrier()
+        if log:  # an unlogged (per-epoch) evaluation is not reused as the logged final one
+            self._last_eval = (self.step, res)
         return res
 
     # ------------------------------------------------------------------ checkpoints

@@ -184,8 +184,8 @@ class WebDatasetLoader:
     def __init__(self, manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
                  seed: int, preprocess: Callable[[Any], torch.Tensor],
                  tokenizer: Callable[[list[str]], Any] | None = None, num_workers: int = 2,
-                 shuffle_window: int = 4, storage_options: dict[str, Any] | None = None
-                 ) -> None:
+                 shuffle_window: int = 4, storage_options: dict[str, Any] | None = None,
+                 pin_memory: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if num_workers < 0:
@@ -196,6 +196,7 @@ class WebDatasetLoader:
                               window=shuffle_window)
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.num_workers = num_workers
+        self.pin_memory = pin_memory  # page-locked batches, for asynchronous copies to a GPU
         self.opts = storage_options
         self.epoch = 0
         self.cursor = 0  # batches of this epoch already handed out
@@ -221,7 +222,7 @@ class WebDatasetLoader:
         stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
                               self.preprocess, self.tokenizer, self.opts)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity)
+                            collate_fn=_identity, pin_memory=self.pin_memory)
         for item in loader:
             if item["index"] != self.cursor:  # the order contract, checked on every batch
                 raise RuntimeError(f"loader produced batch {item['index']}, expected {self.cursor}")
