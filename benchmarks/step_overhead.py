@@ -2,13 +2,19 @@
 optimizer) for `full` vs `dissect_momentum` at r = 0.3, on 2 CPU ranks through the
 DeepSpeed launcher, measured in one run with the same data, model and batch size.
 
-    python benchmarks/step_overhead.py [--steps 40] [--setup tiny-vit-28:128 ...]
+    python benchmarks/step_overhead.py [--steps 40] [--setup tiny-vit-28:128 ...] [--workers 0]
 
 Each --setup is model:per-rank-batch; all setups are measured in the same invocation,
 runs alternating between full and dissect_momentum so drift hits both alike. Writes
 benchmarks/results/step_overhead.json. Targets: exchange + ranking <= 1% of the DISSect
 step; DISSect step <= 0.7x the full-data step. With train.time_breakdown the trainer puts
 a barrier before the selection, so rank skew shows as `wait`, not as exchange time.
+
+By default each rank decodes its own batches between steps (no data worker): on a 2-core
+machine a worker per rank would decode the next batch on the cores the 2 ranks are
+computing on, and its time would land in whichever phase runs then (on a GPU node the
+workers have cores of their own). `--workers 1` measures that oversubscribed case; the
+samples/s column includes the decoding either way.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ def main() -> None:
                    help="model:per-rank batch (repeatable; default tiny-vit-28:128 and "
                    "small-vit-28:256)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workers", type=int, default=1, help="data workers per rank")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data workers per rank (default 0: see the module docstring)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_overhead.json"))
     a = p.parse_args()
     setups = [(m, int(b)) for m, b in (x.split(":") for x in
