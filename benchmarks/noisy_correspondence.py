@@ -19,7 +19,11 @@ Regimes (see REGIMES; benchmarks/README.md says how they were chosen and sized):
             majority when training ends (the regime of the first pilot).
   memorise  Fashion-MNIST, few pairs, many epochs, a constant learning rate: full-data
             training fits the noisy pairs and held-out accuracy peaks, then falls.
-Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split.
+  icons     (not in the default grid: `--regime icons`) the icon fonts' glyphs captioned
+            with their own names, so every caption is unique, as web captions nearly are;
+            few pairs, many epochs. Exploratory: one seed, full / random / DISSect.
+Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split, icon runs
+by image<->text retrieval R@1 on the held-out icons (mean of both directions).
 """
 
 from __future__ import annotations
@@ -51,10 +55,17 @@ VARIANTS = [("dissect_momentum[first_sight=zero]", "dissect_momentum",
             ("dissect_momentum[local]", "dissect_momentum", {"selection.scope": "local"})]
 
 
+# What a run is scored by, per dataset: (key in the results, name in tables and plots)
+METRICS = {"fmnist": ("zeroshot_acc", "accuracy"), "icons": ("retrieval_R@1", "R@1")}
+HELDOUT = 0.1  # fraction of the icons held out for retrieval
+
+
 @dataclasses.dataclass(frozen=True)
 class Regime:
     name: str
-    subset: int  # training pairs drawn from Fashion-MNIST's 60k
+    # fmnist: training pairs drawn from Fashion-MNIST's 60k; icons: icons used, of which
+    # HELDOUT are held out
+    subset: int
     model: str
     batch_per_rank: int
     epochs: int
@@ -76,10 +87,15 @@ class Regime:
     # Data workers per rank. The sample order and augmentation do not depend on it (the
     # loader's contract), so neither do the results, only the wall time.
     workers: int = 1
+    data: str = "fmnist"  # or "icons"
+
+    @property
+    def train_pairs(self) -> int:
+        return self.subset - (round(HELDOUT * self.subset) if self.data == "icons" else 0)
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.subset // (2 * self.batch_per_rank)
+        return self.train_pairs // (2 * self.batch_per_rank)
 
 
 REGIMES = {
@@ -92,6 +108,12 @@ REGIMES = {
                        # 7 batches per epoch: re-forking a worker every epoch cost more than
                        # the decoding it overlapped (a run took 116 s without, 156 s with).
                        workers=0),
+    "icons": Regime(name="icons", data="icons", subset=2000, model="tiny-vit-32",
+                    batch_per_rank=32, epochs=48, lr=2e-3, weight_decay=0.0, warmup_steps=20,
+                    schedule="constant", eval_every_epochs=4, warmup_epochs=10, seeds=(0,),
+                    noise_sweep=(), ratio_sweep=(),
+                    main_strategies=("full", "random", "dissect_momentum"), variants=False,
+                    workers=0),
     # The smoke run of the test suite: the same code path in about a minute per regime.
     "quick": Regime(name="quick", subset=512, model="tiny-vit-28", batch_per_rank=32,
                     epochs=2, lr=1e-3, weight_decay=0.01, warmup_steps=4, schedule="cosine",
@@ -160,15 +182,18 @@ def interleave(grids: list[list[list[Run]]]) -> list[Run]:
 
 # ------------------------------------------------------------------ data and one run
 def dataset(reg: Regime, noise: float, root: Path) -> Path:
-    from dissect_dist.data.builders import build_fashion_mnist
+    from dissect_dist.data.builders import build_fashion_mnist, build_icons
 
-    d = root / f"fmnist-{reg.subset}-noise{noise:g}"
-    if not (d / "classes.json").exists():
+    d = root / f"{reg.data}-{reg.subset}-noise{noise:g}"
+    if not (d / "train" / "noise_ledger.npy").exists():
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"[nc] building {reg.subset} Fashion-MNIST pairs, {noise:.0%} noisy -> {d}",
+        print(f"[nc] building {reg.subset} {reg.data} pairs, {noise:.0%} noisy -> {d}",
               flush=True)
-        build_fashion_mnist(str(tmp), noise=noise, subset=reg.subset, seed=0)
+        if reg.data == "icons":  # the first `subset` icons in font order, 32 px
+            build_icons(str(tmp), noise=noise, seed=0, heldout=HELDOUT, limit=reg.subset)
+        else:
+            build_fashion_mnist(str(tmp), noise=noise, subset=reg.subset, seed=0)
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)  # a crash mid-build leaves only the .partial directory
     return d
@@ -180,7 +205,9 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
         "model.name": reg.model,
         "data.train_manifest": f"{data}/train/manifest.json",
         "data.noise_ledger": f"{data}/train/noise_ledger.npy",
-        "data.zeroshot_dir": str(data), "data.batch_size": reg.batch_per_rank,
+        **({"data.retrieval_manifest": f"{data}/heldout/manifest.json"} if reg.data == "icons"
+           else {"data.zeroshot_dir": str(data)}),
+        "data.batch_size": reg.batch_per_rank,
         "data.workers": reg.workers,
         "selection.strategy": run.strategy, "selection.ratio": run.ratio,
         "selection.warmup_epochs": reg.warmup_epochs,
@@ -226,10 +253,12 @@ def _finite(x: Any) -> Any:
 def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
     spe = reg.steps_per_epoch
     trained_at = {x["step"]: x["trained_total"] for x in rows if x["kind"] == "train"}
+    metric = METRICS[reg.data][0]
     evals: dict[int, float] = {}
     for x in rows:
         if x["kind"] == "eval":
-            evals[x["step"]] = x["zeroshot_acc"]
+            evals[x["step"]] = (x["zeroshot_acc"] if reg.data == "fmnist"
+                                else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
     curve = [{"epoch": s / spe, "trained": trained_at[s], "metric": m}
              for s, m in sorted(evals.items())]
     train_rows = [x for x in rows if x["kind"] == "train"]
@@ -238,7 +267,7 @@ def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
     hist_at = sorted({0, n_ep // 4, n_ep // 2, (3 * n_ep) // 4, n_ep - 1}) if n_ep else []
     best = max(curve, key=lambda c: c["metric"])
     return {
-        "metric": "zeroshot_acc",
+        "metric": metric,
         "final": curve[-1]["metric"], "best": best["metric"], "best_epoch": best["epoch"],
         "curve": curve,
         "steps": train_rows[-1]["step"], "trained_samples": train_rows[-1]["trained_total"],
@@ -369,9 +398,10 @@ def tables(res: dict[str, Any], regime: str) -> str:
         return f"(no finished runs in regime {regime})\n"
     meta = res.get("meta", {}).get("regimes", {}).get(regime, {})
     noise, ratio = meta.get("noise", 0.4), meta.get("ratio", 0.3)
+    what = _what(reg_runs)
     lines = [f"### Regime `{regime}`: main table (noise {noise}, r = {ratio}; mean ± std over "
              "seeds)", "",
-             "| strategy | seeds | final acc | best acc | kept precision (mean over epochs) "
+             f"| strategy | seeds | final {what} | best {what} | kept precision (mean over epochs) "
              "| key AUROC clean vs noisy, first / mid / last epoch with a key (δ for dissect) | trained samples | samples to reach full's "
              "best | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     labels = _labels(reg_runs)
@@ -400,11 +430,11 @@ def tables(res: dict[str, Any], regime: str) -> str:
             f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
     seed0 = min(r["seed"] for r in reg_runs)
     noises = sorted({r["noise"] for r in reg_runs})
-    lines += _sweep(res, regime, labels, "noise", noises, f"Noise sweep (r = {ratio}, seed "
+    lines += _sweep(res, regime, labels, what, "noise", noises, f"Noise sweep (r = {ratio}, seed "
                     f"{seed0})", lambda r, n: r["noise"] == n and r["ratio"] in (ratio, 1.0)
                     and r["seed"] == seed0)
     ratios = sorted({r["ratio"] for r in reg_runs if r["strategy"] != "full"})
-    lines += _sweep(res, regime, labels, "r =", ratios, f"Ratio sweep (noise {noise}, seed "
+    lines += _sweep(res, regime, labels, what, "r =", ratios, f"Ratio sweep (noise {noise}, seed "
                     f"{seed0})", lambda r, x: r["ratio"] == x and r["noise"] == noise
                     and r["seed"] == seed0)
     fulls = [r for r in _runs(res, regime, strategy="full", noise=noise) if r["seed"] == 0]
@@ -415,12 +445,12 @@ def tables(res: dict[str, Any], regime: str) -> str:
         every = max(len(evals) // 8, 1)  # at most ~9 columns, at evaluated epochs
         at = sorted({0, *evals[every - 1::every], evals[-1]})
         lines += ["", f"Memorisation diagnostic (full data, noise {noise}, seed 0): mean "
-                  "CLIPScore of clean and noisy pairs, and held-out accuracy", "",
+                  f"CLIPScore of clean and noisy pairs, and held-out {what}", "",
                   "| epoch | " + " | ".join(str(e + 1) for e in at) + " |",
                   "|---|" + "---|" * len(at),
                   "| clean | " + " | ".join(f"{f['score_clean'][e]:.1f}" for e in at) + " |",
                   "| noisy | " + " | ".join(f"{f['score_noisy'][e]:.1f}" for e in at) + " |",
-                  "| accuracy | " + " | ".join(f"{acc[e]:.3f}" if e in acc else ""
+                  f"| {what} | " + " | ".join(f"{acc[e]:.3f}" if e in acc else ""
                                               for e in at) + " |"]
         sh = f.get("shadow_delta_auroc") or []
         if any(x is not None for x in sh):
@@ -430,13 +460,13 @@ def tables(res: dict[str, Any], regime: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sweep(res: dict[str, Any], regime: str, labels: list[str], name: str,
+def _sweep(res: dict[str, Any], regime: str, labels: list[str], what: str, name: str,
            values: list[float], title: str, match: Any) -> list[str]:
-    """A strategy x value table of final / best accuracy / kept precision, for the
+    """A strategy x value table of final / best metric / kept precision, for the
     strategies run at two or more of the values."""
     if len(values) < 2:
         return []
-    lines = ["", f"{title}: final / best accuracy / kept precision", "",
+    lines = ["", f"{title}: final / best {what} / kept precision", "",
              "| strategy | " + " | ".join(f"{name} {v:g}" for v in values) + " |",
              "|---|" + "---|" * len(values)]
     for label in labels:
@@ -464,14 +494,17 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
     main = sorted((r for r in reg_runs if r["noise"] == noise and r["ratio"] in (ratio, 1.0)),
                   key=lambda r: r["seed"])  # the first run of a label is its lowest seed
     labels = _labels(main)
+    what = _what(reg_runs)
+    axis = {"accuracy": "zero-shot accuracy (clean test split)",
+            "R@1": "held-out retrieval R@1 (mean of both directions)"}.get(what, what)
     paths = []
-    # 1. held-out accuracy vs trained samples (seed 0 of each strategy)
+    # 1. held-out metric vs trained samples (seed 0 of each strategy)
     fig, ax = plt.subplots(figsize=(8, 5))
     for label in labels:
         for r in [x for x in main if x["label"] == label][:1]:
             ax.plot([c["trained"] for c in r["curve"]], [c["metric"] for c in r["curve"]],
                     marker=".", label=label)
-    ax.set(xlabel="trained samples", ylabel="zero-shot accuracy (clean test split)",
+    ax.set(xlabel="trained samples", ylabel=axis,
            title=f"{regime}: noise {noise}, r = {ratio}, seed {main[0]['seed']}")
     ax.legend(fontsize=7)
     paths.append(_save(fig, prefix, regime, "accuracy_vs_samples"))
@@ -488,10 +521,10 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
                     label="noisy pairs" if i == 0 else None)
             ax2.plot([c["epoch"] for c in f["curve"]], [c["metric"] for c in f["curve"]],
                      color="k", ls="--", marker=".", alpha=0.7,
-                     label="held-out accuracy" if i == 0 else None)
+                     label=f"held-out {what}" if i == 0 else None)
         ax.set(xlabel="epoch", ylabel="mean CLIPScore during training",
                title=f"{regime}: full-data training, noise {noise} ({len(fulls)} seeds)")
-        ax2.set_ylabel("zero-shot accuracy")
+        ax2.set_ylabel(axis)
         _legend(ax, ax2, fontsize=8, loc="lower right")
         paths.append(_save(fig, prefix, regime, "diagnostic"))
     # 3. δ histograms, clean vs noisy
@@ -535,7 +568,7 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         ax2.plot(np.arange(1, len(gap) + 1), gap, color="tab:red", ls="--",
                  label="full data: clean − noisy mean CLIPScore")
         best = np.mean([f["best_epoch"] for f in fulls])
-        ax.axvline(best, color="k", ls=":", label=f"full data: best accuracy (epoch {best:.0f})")
+        ax.axvline(best, color="k", ls=":", label=f"full data: best {what} (epoch {best:.0f})")
         ax.set(xlabel="epoch", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
                title=f"{regime}: is δ informative before the noisy pairs are memorised?")
         ax2.set_ylabel("clean − noisy score gap (full data)")
@@ -578,6 +611,12 @@ def report(res: dict[str, Any], names: list[str], prefix: Path) -> None:
         print(tables(res, n))
         for pth in plots(res, n, prefix):
             print(f"[nc] wrote {pth}")
+
+
+def _what(runs: list[dict[str, Any]]) -> str:
+    """The name of what the runs are scored by (one dataset per regime)."""
+    names = {k: n for k, n in METRICS.values()}
+    return names.get(runs[0]["metric"], runs[0]["metric"])
 
 
 def _mean(xs: list[Any]) -> float:

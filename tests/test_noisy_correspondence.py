@@ -55,6 +55,13 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     # ... and the δ that dissect_momentum's rule would give on the full-data model
     assert all(0.0 <= a <= 1.0 for a in full["shadow_delta_auroc"])
     assert dm["shadow_delta_auroc"] == [None, None]  # dissect has its own δ
+    # one evaluation per evaluated step (the final one reuses the last step's), each timed
+    for key in res["runs"]:
+        metrics = tmp_path / "runs" / key.replace("/", "__") / "metrics.jsonl"
+        evals = [json.loads(x) for x in metrics.read_text().splitlines()
+                 if json.loads(x)["kind"] == "eval"]
+        assert [x["step"] for x in evals] == [8, 16], key
+        assert all(x["eval_s"] > 0 for x in evals), key
     assert "| dissect_momentum | 1 |" in r.stdout
     for what in ("accuracy_vs_samples", "diagnostic", "delta_hist", "kept_precision"):
         png = tmp_path / "nc" / f"quick_{what}.png"
@@ -64,3 +71,43 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     r2 = _bench(tmp_path)
     assert "3 finished runs kept" in r2.stdout and "0 to run" in r2.stdout
     assert (tmp_path / "nc.json").read_text() == before
+
+
+def _nc():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import noisy_correspondence as nc
+
+    return nc
+
+
+@pytest.mark.timeout(60)
+def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
+    """The icons regime evaluates retrieval on the held-out icons (no zero-shot classes)
+    and summarises each evaluation as the mean of image->text and text->image R@1."""
+    nc = _nc()
+    reg = nc.REGIMES["icons"]
+    run = nc.grid(reg)[0][0]
+    ov = dict(x.split("=", 1) for x in nc.overrides(reg, run, tmp_path / "d", tmp_path / "r"))
+    assert ov["data.retrieval_manifest"] == f"{tmp_path / 'd'}/heldout/manifest.json"
+    assert "data.zeroshot_dir" not in ov
+    spe = reg.steps_per_epoch
+    assert spe == (reg.subset - round(nc.HELDOUT * reg.subset)) // (2 * reg.batch_per_rank)
+    rows = [{"step": spe, "kind": "train", "trained_total": 64 * spe, "kept_precision": 0.6},
+            {"step": spe, "kind": "eval", "i2t_R@1": 0.1, "t2i_R@1": 0.3, "eval_s": 0.5},
+            {"step": spe, "kind": "epoch", "epoch": 0, "mean_score_clean": 20.0,
+             "mean_score_noisy": 15.0},
+            {"step": 2 * spe, "kind": "train", "trained_total": 128 * spe,
+             "kept_precision": 0.6},
+            {"step": 2 * spe, "kind": "eval", "i2t_R@1": 0.2, "t2i_R@1": 0.0, "eval_s": 0.5},
+            {"step": 2 * spe, "kind": "epoch", "epoch": 1, "mean_score_clean": 25.0,
+             "mean_score_noisy": 21.0}]
+    s = nc.summarise(rows, reg)
+    assert s["metric"] == "retrieval_R@1"
+    assert s["final"] == pytest.approx(0.1) and s["best"] == pytest.approx(0.2)
+    assert s["best_epoch"] == 1.0 and [c["trained"] for c in s["curve"]] == [64 * spe,
+                                                                              128 * spe]
+    table = nc.tables({"runs": {run.key: {**nc.dataclasses.asdict(run),
+                                                          "key": run.key, "wall_s": 1.0,
+                                                          **s}}}, "icons")
+    assert "| strategy | seeds | final R@1 | best R@1 |" in table
+    assert "| R@1 | 0.200 | 0.100 |" in table  # the diagnostic's metric row, epochs 1 and 2
