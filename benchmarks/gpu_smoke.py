@@ -1,7 +1,9 @@
 """GPU smoke test of the real trainer: builds synthetic shards, then trains ViT-B-32 in
 bf16 through `deepspeed launch/train.py` for a fixed number of steps with `full` and
-with `dissect_momentum` at r = 0.3, and prints samples/s, the step-time split and
-peak GPU memory.
+with `dissect_momentum` at r = 0.3 (twice: as the trainer runs it, and with the scoring
+pass through torch's MHA inference fast path, `model.mha_fastpath=enabled`, the setting
+the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the step-time
+split and peak GPU memory.
 
     python benchmarks/gpu_smoke.py [--steps 30] [--batch-size 256] [--out DIR]
 
@@ -60,8 +62,11 @@ def build(root: Path, n: int, per_shard: int, size: int) -> str:
     return str(root / "manifest.json")
 
 
-def run(strategy: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
-    run_dir = out / f"run-{strategy}"
+def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
+    """One launch; `label` is a strategy, optionally with `+fastpath` (the scoring pass
+    through torch's MHA inference fast path, which the trainer disables on CUDA)."""
+    strategy, _, variant = label.partition("+")
+    run_dir = out / f"run-{label}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,21 +78,22 @@ def run(strategy: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
            f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
            f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
            f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
-           "train.epochs=100", "train.zero_stage=1"]
+           "train.epochs=100", "train.zero_stage=1",
+           f"model.mha_fastpath={'enabled' if variant == 'fastpath' else 'auto'}"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO),
                        env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep
                             + os.environ.get("PYTHONPATH", "")})
     wall = time.perf_counter() - t0
-    (out / f"log-{strategy}.txt").write_text(r.stdout[-20000:] + r.stderr[-20000:])
+    (out / f"log-{label}.txt").write_text(r.stdout[-20000:] + r.stderr[-20000:])
     if r.returncode != 0:
-        raise SystemExit(f"{strategy} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{label} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in rows if x["kind"] == "train"]
     steady = train[1:] or train  # the first window holds warm-up and compilation
     keys = [k for k in steady[0] if k.startswith("time_")]
     return {
-        "strategy": strategy, "launch_wall_s": wall,
+        "strategy": label, "launch_wall_s": wall,
         "samples_per_s": sum(x["samples_per_s"] for x in steady) / len(steady),
         "trained_per_s": sum(x["trained_per_s"] for x in steady) / len(steady),
         "kept_fraction": steady[-1]["kept_fraction"],
@@ -116,7 +122,8 @@ def main() -> None:
     print(f"[gpu_smoke] {a.samples} synthetic pairs in {time.perf_counter() - t0:.1f}s", flush=True)
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
-           "runs": [run(s, manifest, out, a) for s in ("full", "dissect_momentum")]}
+           "runs": [run(s, manifest, out, a) for s in
+                    ("full", "dissect_momentum", "dissect_momentum+fastpath")]}
     (out / "gpu_smoke.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 

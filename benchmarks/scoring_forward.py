@@ -81,8 +81,12 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
         return fn
 
-    def score(mode: str, ctx: Callable[[], object], part: str = "both") -> Callable[[], None]:
+    trainer_fast = device.type != "cuda"  # the trainer's MHA fast path (mha_fastpath=auto)
+
+    def score(mode: str, ctx: Callable[[], object], part: str = "both",
+              fastpath: bool = trainer_fast) -> Callable[[], None]:
         def fn() -> None:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             model.train(mode == "train")
             with ctx():  # type: ignore[attr-defined]
                 if part in ("both", "image"):
@@ -104,6 +108,8 @@ def main() -> None:
         "train_fwd_bwd_B": train(a.batch),
         f"train_fwd_bwd_{a.ratio}B": train(k),
         "score_eval_no_grad (trainer)": score("eval", torch.no_grad),
+        f"score_eval_no_grad_mha_fastpath_{'off' if trainer_fast else 'on'}":
+            score("eval", torch.no_grad, fastpath=not trainer_fast),
         "score_train_no_grad": score("train", torch.no_grad),
         "score_eval_inference_mode": score("eval", torch.inference_mode),
         "score_eval_no_grad_image_only": score("eval", torch.no_grad, "image"),

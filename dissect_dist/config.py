@@ -27,6 +27,12 @@ class ModelConfig:
     name: str = "tiny-vit-28"  # an open_clip model name, or one of dissect_dist/model_configs
     pretrained: str | None = None  # an open_clip pretrained tag or a local checkpoint path
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch's inference fast path of nn.MultiheadAttention, taken by every no-grad forward
+    # in eval mode (the scoring pass, evaluation). With an attention mask (open_clip's text
+    # tower is causal) it is reported slower and larger on CUDA than the path training
+    # uses (pytorch/pytorch#166166). auto: disabled on CUDA, torch's default elsewhere
+    # (on CPU it was no slower: benchmarks/scoring_forward.py).
+    mha_fastpath: Literal["auto", "enabled", "disabled"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.precision in ("fp32", "bf16"), "model.precision", "use fp32 or bf16")

@@ -39,6 +39,9 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        fast = cfg.model.mha_fastpath  # process-wide; see ModelConfig.mha_fastpath
+        torch.backends.mha.set_fastpath_enabled(
+            fast == "enabled" or (fast == "auto" and self.device.type != "cuda"))
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)

@@ -28,6 +28,7 @@ def test_overrides_are_coerced_to_the_fields_types():
     ("optim.lr=fast", "optim.lr: 'fast' is not a number"),
     ("optim.lrate=1", "optim.lrate: unknown key"),
     ("selection.scope=regional", "selection.scope: 'regional', choose one of"),
+    ("model.mha_fastpath=fast", "model.mha_fastpath: 'fast', choose one of"),
     ("ratio=0.5", "write section.key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
