@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class Regime:
     # Data workers per rank. The sample order and augmentation do not depend on it (the
     # loader's contract), so neither do the results, only the wall time.
     workers: int = 1
-    data: str = "fmnist"  # or "icons"
+    data: Literal["fmnist", "icons"] = "fmnist"
 
     @property
     def train_pairs(self) -> int:

@@ -31,7 +31,7 @@ class ModelConfig:
     # in eval mode (the scoring pass, evaluation). With an attention mask (open_clip's text
     # tower is causal) it is reported slower and larger on CUDA than the path training
     # uses (pytorch/pytorch#166166). auto: disabled on CUDA, torch's default elsewhere
-    # (on CPU it was no slower: benchmarks/scoring_forward.py).
+    # (on CPU two timings showed no consistent difference: benchmarks/README.md).
     mha_fastpath: Literal["auto", "enabled", "disabled"] = "auto"
 
     def __post_init__(self) -> None:

@@ -16,6 +16,9 @@ import pytest
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "noisy_correspondence.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import noisy_correspondence as nc  # noqa: E402
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -58,8 +61,8 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     # one evaluation per evaluated step (the final one reuses the last step's), each timed
     for key in res["runs"]:
         metrics = tmp_path / "runs" / key.replace("/", "__") / "metrics.jsonl"
-        evals = [json.loads(x) for x in metrics.read_text().splitlines()
-                 if json.loads(x)["kind"] == "eval"]
+        rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+        evals = [x for x in rows if x["kind"] == "eval"]
         assert [x["step"] for x in evals] == [8, 16], key
         assert all(x["eval_s"] > 0 for x in evals), key
     assert "| dissect_momentum | 1 |" in r.stdout
@@ -73,18 +76,10 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     assert (tmp_path / "nc.json").read_text() == before
 
 
-def _nc():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import noisy_correspondence as nc
-
-    return nc
-
-
 @pytest.mark.timeout(60)
 def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
     """The icons regime evaluates retrieval on the held-out icons (no zero-shot classes)
     and summarises each evaluation as the mean of image->text and text->image R@1."""
-    nc = _nc()
     reg = nc.REGIMES["icons"]
     run = nc.grid(reg)[0][0]
     ov = dict(x.split("=", 1) for x in nc.overrides(reg, run, tmp_path / "d", tmp_path / "r"))
@@ -106,8 +101,7 @@ def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
     assert s["final"] == pytest.approx(0.1) and s["best"] == pytest.approx(0.2)
     assert s["best_epoch"] == 1.0 and [c["trained"] for c in s["curve"]] == [64 * spe,
                                                                               128 * spe]
-    table = nc.tables({"runs": {run.key: {**nc.dataclasses.asdict(run),
-                                                          "key": run.key, "wall_s": 1.0,
-                                                          **s}}}, "icons")
+    stored = {**nc.dataclasses.asdict(run), "key": run.key, "wall_s": 1.0, **s}
+    table = nc.tables({"runs": {run.key: stored}}, "icons")
     assert "| strategy | seeds | final R@1 | best R@1 |" in table
     assert "| R@1 | 0.200 | 0.100 |" in table  # the diagnostic's metric row, epochs 1 and 2
