@@ -65,9 +65,45 @@ def clipscore(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     return (100.0 * (img.float() * txt.float()).sum(-1)).clamp(min=0.0)
 
 
-def clamp_logit_scale(model: torch.nn.Module) -> None:
-    m = getattr(model, "module", model)
+def master_copies(engine: Any, param: torch.nn.Parameter) -> list[torch.Tensor]:
+    """The fp32 tensors the optimizer updates for `param` (this rank's share).
+
+    With bf16 or ZeRO 1/2, DeepSpeed's optimizer steps an fp32 master copy and copies it
+    over the module parameter after every step, so a bound on the module parameter alone
+    is overwritten at the next step. Covered: ZeRO 1/2 (any precision; the rank's fragment
+    of the flat fp32 partition, empty on ranks that do not own any of `param`), bf16 with
+    ZeRO 0 (DeepSpeed's unfused bf16 optimizer: one fp32 clone per parameter) and plain
+    fp32 without ZeRO (the parameter itself). Anything else raises, naming the optimizer,
+    rather than silently bounding a copy the optimizer never reads."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:  # ZeRO 1/2: this rank's slice of the fp32 partition
+        return [mapping.get_hp_fragment()]
+    if hasattr(param, "_hp_mapping"):
+        return []  # ZeRO 1/2, and this rank owns no element of param
+    opt = getattr(engine, "optimizer", None)
+    lp_groups, hp_groups = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if lp_groups is not None and hp_groups is not None:  # bf16, ZeRO 0 (unfused)
+        for lp, hp in zip(lp_groups, hp_groups):
+            for i, p in enumerate(lp):
+                if p is param:
+                    return [hp[i]]
+        raise RuntimeError(f"{type(opt).__name__} holds no fp32 copy of the parameter")
+    if param.dtype == torch.float32 and isinstance(opt, torch.optim.Optimizer) and any(
+            p is param for g in opt.param_groups for p in g["params"]):
+        return [param]  # fp32, ZeRO 0: the optimizer steps the module parameter itself
+    raise RuntimeError(
+        f"cannot find the optimizer's copy of logit_scale in {type(opt).__name__}: "
+        "supported are fp32 or bf16 with train.zero_stage 0, 1 or 2")
+
+
+def clamp_logit_scale(engine: Any) -> None:
+    """Bound exp(logit_scale) at 100 where the optimizer holds it (open_clip's and the
+    reference's clamp, which act on the module parameter of an fp32 model): on the fp32
+    master copy, and on the module parameter the forward reads. Local to each rank."""
+    m = getattr(engine, "module", engine)
     with torch.no_grad():
+        for t in master_copies(engine, m.logit_scale):
+            t.clamp_(0, LOGIT_SCALE_MAX)
         m.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
 
