@@ -5,7 +5,6 @@ from it (one source of truth) unless the user passes --deepspeed_config."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -234,18 +233,3 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"--config {path}: no such file")
         doc = yaml.safe_load(p.read_text()) or {}
     return build_config(apply_overrides(doc, overrides))
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> typing.Callable[[int], float]:
-    """Linear warm-up then cosine decay to 0 (or constant), as a LambdaLR factor."""
-
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        span = max(total_steps - cfg.warmup_steps, 1)
-        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f

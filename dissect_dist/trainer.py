@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from dissect_dist import checkpoint
 from dissect_dist import model as modellib
-from dissect_dist.config import RunConfig, lr_lambda
+from dissect_dist.config import RunConfig
 from dissect_dist.data import Manifest, WebDatasetLoader
 from dissect_dist.evaluate import EvalSet, retrieval_on, zeroshot_counts
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink, auroc, key_histogram
+from dissect_dist.optim import Progress, build_optimizer, build_schedule
 from dissect_dist.selection import ScoredBatch, Selector, build_strategy
 from store import Momentum, ScoreStore, TorchDistributed
 
@@ -55,19 +56,15 @@ class Trainer:
             batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
             tokenizer=self.tokenizer, num_workers=cfg.data.workers,
             shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.loader)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        # How far the run has got, in samples (see dissect_dist/optim.py): a resume with
+        # another world size ends after the same epochs, on the same learning-rate curve.
+        self.progress = Progress(samples_seen=0, ref_batch=self.world * cfg.data.batch_size)
         self.comm = TorchDistributed()
         self.store = ScoreStore(self.manifest.total, self.comm, device=self.device)
         self.selector = self._selector()
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        o = cfg.optim
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=o.fused or None)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, self.total_steps))
+        opt = build_optimizer(self.model, cfg.optim)
+        sched = build_schedule(opt, cfg.optim, self.progress, lambda: self.progress.total_ref_steps(
+            cfg.train, self.manifest.total))
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched,
             config=deepspeed_config or cfg.deepspeed_config())
@@ -121,6 +118,8 @@ class Trainer:
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         t = {"start": time.perf_counter()}
+        # Counted before engine.step(), whose scheduler step then sets the next step's lr.
+        self.progress.samples_seen += self.world * self.cfg.data.batch_size
         # Page-locked on CUDA (the loader pins), so the copies run asynchronously.
         ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
@@ -200,18 +199,18 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
-                   dynamic_ncols=True, desc=self.cfg.selection.strategy)
+        bar = tqdm(total=self.step + self._steps_left(), initial=self.step,
+                   disable=self.rank != 0, dynamic_ncols=True, desc=self.cfg.selection.strategy)
         window: list[dict[str, Any]] = []
         t_last = time.perf_counter()
-        while self.step < self.total_steps:
+        while not self._done():
             epoch = self.loader.epoch if self.loader.cursor < len(self.loader) \
                 else self.loader.epoch + 1
             for batch in self.loader:
                 window.append(self.train_step(batch))
                 self.step += 1
                 bar.update(1)
-                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                if self.step % self.cfg.train.log_every == 0 or self._done():
                     t_now = time.perf_counter()
                     self._log_window(window, t_now - t_last, bar)
                     window, t_last = [], t_now
@@ -220,7 +219,7 @@ class Trainer:
                 if self.cfg.train.checkpoint_every and \
                         self.step % self.cfg.train.checkpoint_every == 0:
                     self.save()
-                if self.step >= self.total_steps:
+                if self._done():
                     break
             if self.loader.cursor >= len(self.loader):
                 self._end_of_epoch(epoch)
@@ -232,6 +231,24 @@ class Trainer:
         if self.rank == 0:  # the trained model, loadable by open_clip.create_model(name, path)
             modellib.export_open_clip(self.engine.module, str(self.run_dir / "open_clip_model.pt"))
         return final
+
+    def _epochs_done(self) -> int:
+        return self.loader.epoch + int(self.loader.cursor >= len(self.loader))
+
+    def _done(self) -> bool:
+        """train.max_steps reference steps' worth of samples, or train.epochs epochs."""
+        if self.cfg.train.max_steps:
+            return self.progress.ref_steps() >= self.cfg.train.max_steps
+        return self._epochs_done() >= self.cfg.train.epochs
+
+    def _steps_left(self) -> int:
+        """Steps of this world still to run (the progress bar's total)."""
+        if self.cfg.train.max_steps:
+            left = self.cfg.train.max_steps * self.progress.ref_batch - self.progress.samples_seen
+            return max(0, -(-left // (self.world * self.cfg.data.batch_size)))
+        done = self._epochs_done()
+        part = self.loader.cursor if self.loader.cursor < len(self.loader) else 0
+        return max(0, (self.cfg.train.epochs - done) * len(self.loader) - part)
 
     def _log_window(self, window: list[dict[str, Any]], seconds: float, bar: Any) -> None:
         kept_t = torch.stack([w["kept"] for w in window]).sum().double()
@@ -245,7 +262,7 @@ class Trainer:
         seen, kept, clean = sums.tolist()
         self.trained_total += int(kept)
         vals: dict[str, Any] = {
-            "trained_total": self.trained_total,
+            "trained_total": self.trained_total, "samples_seen": self.progress.samples_seen,
             "epoch": self.loader.epoch, "loss": float(window[-1]["loss"]),
             "kept_fraction": kept / max(seen, 1), "samples_per_s": seen / max(seconds, 1e-9),
             "trained_per_s": kept / max(seconds, 1e-9),
@@ -323,6 +340,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "selector": self.selector.state_dict(),
                 "torch_rng": torch.get_rng_state(), "step": self.step,
+                "progress": self.progress.state_dict(),
                 "trained_total": self.trained_total,
                 "epoch_keys": self._epoch_keys, "score_sums": self._score_sums.cpu()}
 
@@ -349,6 +367,12 @@ class Trainer:
             self._epoch_keys = st["epoch_keys"]
             self._score_sums = st["score_sums"].to(self.device)
         self.step = st["step"]
+        if "progress" in st:
+            self.progress.load_state_dict(st["progress"])
+        else:  # written before progress was counted in samples (never resized then)
+            self.progress.samples_seen = self.step * st["saved_world_size"] * \
+                self.cfg.data.batch_size
+            self.progress.ref_batch = st["saved_world_size"] * self.cfg.data.batch_size
         self.trained_total = st.get("trained_total", 0)
         self.engine.load_checkpoint(self.ckpt_root, tag=tag)
         self.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
