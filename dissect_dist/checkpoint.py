@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,3 +110,45 @@ def load_rank_state(root: str, tag: str, rank: int, world_size: int) -> dict[str
     state: dict[str, Any] = torch.load(path, weights_only=False)
     state["saved_world_size"] = info["world_size"]
     return state
+
+
+def saved_world_size(root: str, tag: str) -> int:
+    return int(json.loads((Path(root) / tag / "run.json").read_text())["world_size"])
+
+
+UNIVERSAL = "universal"  # the tag's optimizer state re-cut for any world size
+
+
+def universal_dir(root: str, tag: str) -> str:
+    """Collective. The tag converted to DeepSpeed's universal checkpoint format, made once
+    by rank 0 under <root>/<tag>/universal/ (DONE written last; an interrupted conversion
+    is redone). ZeRO 1/2 partition the optimizer state over the saving world and DeepSpeed
+    refuses to load it into another; the universal format holds each parameter's state
+    whole. Returns the load_dir to pass with tag=UNIVERSAL."""
+    base = Path(root) / tag
+    out = base / UNIVERSAL
+    err = None
+    if dist.get_rank() == 0 and not (out / "DONE").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"[train] {tag}: converting the ZeRO optimizer state for another world size "
+              f"(deepspeed.checkpoint.ds_to_universal -> {out})", flush=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(base), "--output_folder", str(out / UNIVERSAL), "--num_extract_workers", "1",
+             "--num_merge_workers", "1", "--inject_missing_state"],
+            capture_output=True, text=True)
+        if r.returncode != 0:
+            err = (f"converting {base} to DeepSpeed's universal format failed "
+                   f"(exit {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+        else:
+            _atomic_write(out / "DONE", b"ok\n")
+    errs = [None]
+    if dist.get_world_size() > 1:
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    else:
+        errs = [err]
+    failed = [e for e in errs if e]
+    if failed:
+        raise RuntimeError(failed[0])
+    return str(out)

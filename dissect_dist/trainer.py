@@ -62,12 +62,21 @@ class Trainer:
         self.comm = TorchDistributed()
         self.store = ScoreStore(self.manifest.total, self.comm, device=self.device)
         self.selector = self._selector()
+        # A resume with another world size under ZeRO 1/2 loads the optimizer state through
+        # DeepSpeed's universal checkpoint format (see checkpoint.universal_dir).
+        self._resume_tag = checkpoint.resolve(self.ckpt_root, resume) if resume else None
+        ds_cfg = dict(deepspeed_config or cfg.deepspeed_config())
+        self._universal = self._resume_tag is not None and \
+            checkpoint.saved_world_size(self.ckpt_root, self._resume_tag) != self.world and \
+            int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) >= 1
+        if self._universal:
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         opt = build_optimizer(self.model, cfg.optim)
         sched = build_schedule(opt, cfg.optim, self.progress, lambda: self.progress.total_ref_steps(
             cfg.train, self.manifest.total))
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched,
-            config=deepspeed_config or cfg.deepspeed_config())
+            config=ds_cfg)
         self.dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
         self.noisy = self._ledger()
         self.sink = MetricSink(str(self.run_dir), self.rank)
@@ -91,7 +100,7 @@ class Trainer:
         self._ret_set: EvalSet | None = None
         self._last_eval: tuple[int, dict[str, Any]] | None = None  # (step, results)
         if resume:
-            self._resume(resume)
+            self._resume()
         if cfg.train.record_samples:
             self._open_sample_record()
 
@@ -348,8 +357,8 @@ class Trainer:
         checkpoint.save(self.ckpt_root, self.step, self.engine, self.store, self._rank_state(),
                         {"config": self.cfg.to_dict()}, self.cfg.train.keep_checkpoints)
 
-    def _resume(self, resume: str) -> None:
-        tag = checkpoint.resolve(self.ckpt_root, resume)
+    def _resume(self) -> None:
+        tag = self._resume_tag
         if tag is None:
             if self.rank == 0:
                 print(f"[train] no checkpoint in {self.ckpt_root}: starting from scratch")
@@ -374,7 +383,11 @@ class Trainer:
                 self.cfg.data.batch_size
             self.progress.ref_batch = st["saved_world_size"] * self.cfg.data.batch_size
         self.trained_total = st.get("trained_total", 0)
-        self.engine.load_checkpoint(self.ckpt_root, tag=tag)
+        if self._universal:
+            self.engine.load_checkpoint(checkpoint.universal_dir(self.ckpt_root, tag),
+                                        tag=checkpoint.UNIVERSAL)
+        else:
+            self.engine.load_checkpoint(self.ckpt_root, tag=tag)
         self.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
                                      n=self.manifest.total, device=self.device)
         if hasattr(self.selector.strategy, "store"):  # store-backed strategies

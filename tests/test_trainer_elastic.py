@@ -1,7 +1,9 @@
 """Resume at an epoch boundary with another world size (real ranks through DeepSpeed's
-launcher, 2 -> 1 and 1 -> 2): the resumed run ends after the same epochs and samples as
-the uninterrupted one, and its learning rate follows the same curve as a function of
-samples seen (progress is counted in samples, not in steps of the current world)."""
+launcher, 2 -> 1 and 1 -> 2, fp32 without ZeRO and bf16 with ZeRO-1): the resumed run
+ends after the same epochs and samples as the uninterrupted one, and its learning rate
+follows the same curve as a function of samples seen (progress is counted in samples,
+not in steps of the current world). Under ZeRO the optimizer state, partitioned over the
+saving world, is loaded through DeepSpeed's universal checkpoint format."""
 
 from __future__ import annotations
 
@@ -23,31 +25,38 @@ def _train_rows(run: Path) -> list[dict]:
     return [m for m in _metrics(run) if m["kind"] == "train"]
 
 
+PRECISION = {"fp32": [], "bf16-zero1": ["model.precision=bf16", "train.zero_stage=1"]}
+
+
 @pytest.fixture(scope="module")
-def whole(fmnist, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
-    """Uninterrupted 2-epoch runs on 2 and on 1 rank, a checkpoint at each epoch end."""
+def whole(fmnist, tmp_path_factory) -> dict[tuple[int, str], Path]:  # noqa: F811
+    """Uninterrupted 2-epoch runs, a checkpoint at each epoch end."""
     runs = {}
-    for world in (2, 1):
-        run = tmp_path_factory.mktemp(f"whole{world}")
-        _run(_args(fmnist, run, *RUN, f"train.checkpoint_every={N // (world * B)}"),
-             nproc=world)
-        runs[world] = run
+    for world, prec in [(2, "fp32"), (1, "fp32"), (2, "bf16-zero1")]:
+        run = tmp_path_factory.mktemp(f"whole{world}{prec}")
+        _run(_args(fmnist, run, *RUN, *PRECISION[prec],
+                   f"train.checkpoint_every={N // (world * B)}"), nproc=world)
+        runs[world, prec] = run
     return runs
 
 
-@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("saved,resumed,prec", [(2, 1, "fp32"), (1, 2, "fp32"),
+                                                (2, 1, "bf16-zero1")])
 def test_resume_at_epoch_boundary_with_another_world_keeps_epochs_and_lr_curve(
-        fmnist, whole, tmp_path, saved, resumed):  # noqa: F811
+        fmnist, whole, tmp_path, saved, resumed, prec):  # noqa: F811
     epoch_steps = N // (saved * B)
     tag = f"step-{epoch_steps:09d}"
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
-    shutil.copytree(whole[saved] / "checkpoints" / tag, ckpt / tag)
+    shutil.copytree(whole[saved, prec] / "checkpoints" / tag, ckpt / tag)
     (ckpt / "latest").write_text(tag)
-    out = _run(_args(fmnist, tmp_path, *RUN) + ["--resume", "latest"], nproc=resumed)
+    out = _run(_args(fmnist, tmp_path, *RUN, *PRECISION[prec]) + ["--resume", "latest"],
+               nproc=resumed)
     assert f"resumed from {tag}" in out
+    if prec != "fp32":
+        assert "universal" in out  # the ZeRO state went through the universal format
 
-    ref = _train_rows(whole[saved])
+    ref = _train_rows(whole[saved, prec])
     rows = _train_rows(tmp_path)
     # The second epoch only, in the new world's steps: N / (resumed x B) of them.
     assert len(rows) == N // (resumed * B)
