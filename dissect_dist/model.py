@@ -60,6 +60,15 @@ def encode_kept(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tenso
     return img[:0], txt[:0]
 
 
+def blank_row(preprocess: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, 3, H, W) black image through `preprocess` and an empty caption's tokens."""
+    from PIL import Image
+
+    image = preprocess(Image.new("RGB", (32, 32))).unsqueeze(0).to(device=device, dtype=dtype)
+    return image, tokenizer([""]).to(device)
+
+
 def clipscore(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     """CLIPScore as the reference code computes it: max(100 * cos, 0), (b,) fp32."""
     return (100.0 * (img.float() * txt.float()).sum(-1)).clamp(min=0.0)

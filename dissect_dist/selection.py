@@ -221,6 +221,8 @@ class Selector:
         else:
             keys_all = key if key is not None else torch.zeros(b, device=batch.ids.device)
             counts, offset = [b], 0
+        if key is not None:
+            _refuse_nonfinite(key, keys_all, batch.ids, self.scope, self.world_size)
         total = int(sum(counts))
         # One draw per ranked row, in the same order on every rank (global scope).
         rnd = torch.rand(total, generator=self.generator).to(keys_all.device)
@@ -240,6 +242,38 @@ class Selector:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator.set_state(sd["generator"])
         self.strategy.load_state_dict(sd["strategy"])
+
+
+class SelectionInputError(ValueError):
+    """A non-finite ranking key: the scoring pass (or the per-sample loss) diverged."""
+
+
+def _refuse_nonfinite(key: torch.Tensor, ranked: torch.Tensor, ids: torch.Tensor,
+                      scope: Scope, world_size: int) -> None:
+    """Collective where the ranks must agree: raise on every rank if any rank's key is
+    NaN or infinite (a NaN would sort first and be kept), naming the sample id on the
+    rank that holds it. `ranked` is what this rank ranks: the all-gathered keys under
+    global scope (so every rank sees every bad key without another collective), its own
+    under local scope (then one all_reduce of a count tells the other ranks)."""
+    bad_here = ~torch.isfinite(key)
+    if scope == "global" or world_size == 1:
+        any_bad = not bool(torch.isfinite(ranked).all())  # CPU-GPU sync point
+    else:
+        n = bad_here.sum().reshape(1)
+        dist.all_reduce(n)
+        any_bad = bool(n.item())  # CPU-GPU sync point (local scope only)
+    if not any_bad:
+        return
+    if bool(bad_here.any()):
+        i = int(torch.nonzero(bad_here)[0])
+        raise SelectionInputError(
+            f"selection key {float(key[i])} for sample id {int(ids[i])} is not finite "
+            f"({int(bad_here.sum())} such keys in this rank's batch): the scoring pass or "
+            "the per-sample loss diverged; check the loss, the logit scale and the learning "
+            "rate, and resume from the last checkpoint")
+    raise SelectionInputError(
+        "selection aborted: another rank's batch has a non-finite selection key (see that "
+        "rank's error)")
 
 
 def _gather_padded(x: torch.Tensor, world_size: int,

@@ -82,7 +82,9 @@ class Trainer:
         self.sink = MetricSink(str(self.run_dir), self.rank)
         self.step = 0
         self.trained_total = 0  # kept rows trained on, all ranks, whole run
-        self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
+        # One blank (image, empty caption) row: what a rank with no kept row (or no
+        # decodable sample at all) forwards so that it still joins every collective.
+        self._dummy = modellib.blank_row(self.pre_eval, self.tokenizer, self.device, self.dtype)
         self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
         # The memorisation diagnostic of a run that keeps everything also tracks the δ that
         # dissect_momentum's rule would compute on this model (a shadow store; it steers
@@ -135,8 +137,6 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True).to(self.dtype) if b \
             else batch.images
         texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
-        if b and self._dummy is None:
-            self._dummy = (images[:1].clone(), texts[:1].clone())
         strat = self.selector.strategy
         curr = loss_i = None
         if strat.needs_scores or self.cfg.train.diagnose_scores:
@@ -144,9 +144,9 @@ class Trainer:
             with torch.no_grad():
                 if b:
                     fi, ft = modellib.encode(self.engine, images, texts)
-                else:
-                    fi = ft = torch.zeros(0, 1, device=self.device)
-                curr = modellib.clipscore(fi, ft) if b else torch.zeros(0, device=self.device)
+                else:  # (0, d) features: the per-sample loss gathers (k, d) from every rank
+                    fi, ft = (f[:0] for f in modellib.encode(self.engine, *self._dummy))
+                curr = modellib.clipscore(fi, ft)
                 if strat.needs_loss:
                     loss_i = per_sample_loss(fi.float(), ft.float(),
                                              self._logit_scale().float(), self.world)
@@ -176,7 +176,6 @@ class Trainer:
         keep = sel.keep
         self._sync()
         t["select"] = time.perf_counter()
-        assert self._dummy is not None, "the first batch of a rank had no decodable sample"
         img, txt = modellib.encode_kept(self.engine, images, texts, keep, self._dummy)
         loss = clip_loss(img, txt, self._logit_scale(), self.world)
         self.engine.backward(scale_for_mean_reduce(loss, self.world))
