@@ -262,8 +262,8 @@ class Trainer:
                         kept=f"{vals['kept_fraction']:.2f}", loss=f"{vals['loss']:.3f}")
 
     def _end_of_epoch(self, epoch: int) -> None:
-        if self.noisy is None:
-            return
+        if self.noisy is None and self.cfg.train.eval_every != -1:
+            return  # nothing to log: the rows below need the ledger, or are evaluations
         parts = self.comm.all_gather_object(self._epoch_keys)
         self._epoch_keys = []
         sums = self._score_sums.clone()
