@@ -1,6 +1,6 @@
 """The DISSect training loop.
 
-One step (DESIGN.md, "One training step"):
+One step (`Trainer.train_step`):
   1. score:   no-grad forward of the whole local batch -> curr = max(100 cos, 0)
   2. history: the strategy exchanges (ids, curr) with the score store -> hist
   3. rank:    keys all-gathered, identical global top-k on every rank
