@@ -5,6 +5,7 @@ from it (one source of truth) unless the user passes --deepspeed_config."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,9 @@ class DataConfig:
                "required: the manifest.json of the training shards")
         _check(self.batch_size >= 1, "data.batch_size", f"{self.batch_size}: need >= 1")
         _check(self.workers >= 0, "data.workers", f"{self.workers}: need >= 0")
+        _check(self.shuffle_window >= 1, "data.shuffle_window",
+               f"{self.shuffle_window}: need >= 1 (shards whose samples are shuffled "
+               "together; 1 = within each shard)")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -129,6 +133,9 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "need >= 1")
         _check(self.eval_every >= -1, "train.eval_every", "steps >= 1, 0 (end only) or -1 "
                "(every epoch)")
+        _check(self.log_every >= 1, "train.log_every",
+               f"{self.log_every}: need >= 1 (steps per log row; the last step is always "
+               "logged)")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -233,3 +240,75 @@ def load_config(path: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"--config {path}: no such file")
         doc = yaml.safe_load(p.read_text()) or {}
     return build_config(apply_overrides(doc, overrides))
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path of a plain or file:// URL; None for other schemes (s3://...),
+    which are left to the reader that opens them."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def _missing(url: str, what: str) -> str | None:
+    path = _local_path(url)
+    if path is None or os.path.isfile(path):
+        return None
+    where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+    return f"{url}: no such file{where}; {what}"
+
+
+def validate_environment(cfg: RunConfig) -> None:
+    """The checks a RunConfig cannot make on its own values: that the files it names
+    exist and that open_clip (with dissect_dist/model_configs) knows the model. Run by
+    launch/train.py after load_config and before DeepSpeed is imported, so that a typo
+    fails in seconds with the key's name instead of inside every rank. Local paths only:
+    URLs with another scheme are read (and reported) by the data pipeline."""
+    d = cfg.data
+    err = _missing(d.train_manifest, "build one with python -m dissect_dist.data (its "
+                   "fashion-mnist and icons builders write DIR/train/manifest.json; "
+                   "`manifest SHARDS --out PATH` indexes existing shards)")
+    _check(err is None, "data.train_manifest", str(err))
+    if d.noise_ledger:
+        err = _missing(d.noise_ledger, "the dataset builders write train/noise_ledger.npy "
+                       "beside the manifest; or set data.noise_ledger=null (it only feeds "
+                       "evaluation metrics)")
+        _check(err is None, "data.noise_ledger", str(err))
+    if d.zeroshot_dir:
+        off = "or set data.zeroshot_dir=null"
+        root = _local_path(d.zeroshot_dir)
+        if root is not None:
+            _check(os.path.isdir(root), "data.zeroshot_dir",
+                   f"{d.zeroshot_dir}: no such directory; point it at a builder's output "
+                   f"directory (python -m dissect_dist.data fashion-mnist --out DIR), {off}")
+            for rel, holds in (("classes.json", "the class names and prompt templates"),
+                               ("test/manifest.json", "the manifest of the test split")):
+                _check(os.path.isfile(os.path.join(root, rel)), "data.zeroshot_dir",
+                       f"{d.zeroshot_dir} has no {rel} ({holds}); point it at a builder's "
+                       f"output directory (python -m dissect_dist.data fashion-mnist --out "
+                       f"DIR), {off}")
+    if d.retrieval_manifest:
+        err = _missing(d.retrieval_manifest, "the icons builder writes heldout/manifest.json; "
+                       "or set data.retrieval_manifest=null")
+        _check(err is None, "data.retrieval_manifest", str(err))
+    from dissect_dist.model import check_name  # imports torch and open_clip: last
+
+    try:
+        check_name(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from e
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int) -> typing.Callable[[int], float]:
+    """Linear warm-up then cosine decay to 0 (or constant), as a LambdaLR factor."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

@@ -3,6 +3,7 @@ dissect_dist/model_configs for CPU runs), the scoring forward, and export."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,34 @@ def _register_tiny_configs() -> None:
         _registered = True
 
 
+def model_names() -> list[str]:
+    """Every name `create` accepts: open_clip's models plus dissect_dist/model_configs."""
+    import open_clip
+
+    _register_tiny_configs()
+    return list(open_clip.list_models())
+
+
+def check_name(name: str) -> None:
+    """ValueError naming the close matches when `create` would not know `name` (also
+    run by the config check, before any process group starts)."""
+    names = model_names()
+    if name in names:
+        return
+    by_lower = {n.lower(): n for n in names}
+    close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), list(by_lower), n=5)]
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    raise ValueError(
+        f"{name!r} is neither an open_clip model nor a config in dissect_dist/model_configs "
+        f"({hint}); all names: python -c 'from dissect_dist.model import model_names; "
+        "print(model_names())'")
+
+
 def create(name: str, pretrained: str | None = None) -> tuple[torch.nn.Module, Any, Any, Any]:
     """(model, train preprocess, eval preprocess, tokenizer)."""
     import open_clip
 
-    _register_tiny_configs()
-    if name not in open_clip.list_models():
-        raise ValueError(f"model.name={name!r} is neither an open_clip model nor one of "
-                         f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))}")
+    check_name(name)
     model, pre_train, pre_eval = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, output_dict=True)
     # DeepSpeed 0.19.x cannot initialize an engine holding a 0-dim parameter

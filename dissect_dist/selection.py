@@ -183,9 +183,17 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 class Selector:
     """Ranks a strategy's keys and returns the keep mask of this rank's rows.
 
-    global scope: k = round(r * B) over the global batch B = sum of ranks' b; every
-    rank computes the identical top-k from all-gathered keys. local scope: k_r =
-    round(r * b_r) per rank (the reference code's behaviour).
+    global scope: k = round(r * B) over this step's global batch B = sum of the ranks'
+    actual batch sizes b_r; every rank computes the identical top-k from all-gathered
+    keys. local scope: k_r = round(r * b_r) over the rows this rank has this step.
+    round() is Python's: a fraction of exactly .5 goes to the even neighbour.
+
+    local scope is the reference code's scope, not its count: its src/train.py
+    (github.com/MediaBrain-SJTU/DISSect) keeps k = int(batch_size * select_rate) =
+    floor(r * the configured per-rank batch). Where r * b has a fraction above .5 this
+    keeps one row more per rank: r = 0.3, b = 32 keeps 10 here (round(9.6)), 9 in the
+    reference. A batch shorter than configured (undecodable samples skipped) is ranked
+    on the rows it has here.
 
     max_rows (the per-rank batch size, when known) lets the global ranking gather every
     rank's keys and row count in one collective instead of two."""

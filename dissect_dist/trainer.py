@@ -1,6 +1,6 @@
 """The DISSect training loop.
 
-One step (DESIGN.md, "One training step"):
+One step (`Trainer.train_step`):
   1. score:   no-grad forward of the whole local batch -> curr = max(100 cos, 0)
   2. history: the strategy exchanges (ids, curr) with the score store -> hist
   3. rank:    keys all-gathered, identical global top-k on every rank
@@ -287,8 +287,8 @@ class Trainer:
                         kept=f"{vals['kept_fraction']:.2f}", loss=f"{vals['loss']:.3f}")
 
     def _end_of_epoch(self, epoch: int) -> None:
-        if self.noisy is None:
-            return
+        if self.noisy is None and self.cfg.train.eval_every != -1:
+            return  # nothing to log: the rows below need the ledger, or are evaluations
         parts = self.comm.all_gather_object(self._epoch_keys)
         self._epoch_keys = []
         sums = self._score_sums.clone()

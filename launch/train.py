@@ -1,7 +1,9 @@
 """deepspeed launch/train.py --config launch/configs/<name>.yaml [section.key=value ...]
 
-parse -> init -> build -> train -> close. The config is validated before any process
-group starts; the DeepSpeed config is generated from it unless --deepspeed_config."""
+parse -> init -> build -> train -> close. The config (its values, the files it names and
+the model name) is validated before DeepSpeed is imported: a bad one exits with status 2
+and one line `config error: section.key: ...` on stderr. The DeepSpeed config is
+generated from it unless --deepspeed_config."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dissect_dist.config import ConfigError, load_config  # noqa: E402
+from dissect_dist.config import ConfigError, load_config, validate_environment  # noqa: E402
 
 
 def _release_cpu_comm_workspace() -> None:
@@ -40,6 +42,7 @@ def main() -> int:
     args = p.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
+        validate_environment(cfg)  # the files it names, the model name
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

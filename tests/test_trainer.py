@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from dissect_dist.data import Manifest
 from dissect_dist.data.builders import build_fashion_mnist
 from store import ScoreStore
 from tests.rank_pool import free_port
@@ -168,3 +170,19 @@ def test_two_node_launch_with_no_ssh_trains_and_checkpoints(fmnist, tmp_path):
     assert info["world_size"] == 2
     assert (run / "checkpoints" / "step-000000004" / "rank-00001.pt").exists()
     assert [m["step"] for m in _metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_eval_every_epoch_evaluates_without_a_noise_ledger(fmnist, tmp_path):
+    """train.eval_every=-1 logs zero-shot accuracy at every epoch end; the noise ledger
+    only adds the clean-vs-noisy metrics to that row."""
+    zs = tmp_path / "zs"  # the first 100 test images: a quick zero-shot set
+    (zs / "test").mkdir(parents=True)
+    shutil.copy(fmnist / "classes.json", zs / "classes.json")
+    test = Manifest.load(str(fmnist / "test" / "manifest.json"))
+    Manifest(test.urls[:1], test.counts[:1]).save(str(zs / "test" / "manifest.json"))
+    run = tmp_path / "run"
+    _run(_args(fmnist, run, "data.noise_ledger=null", f"data.zeroshot_dir={zs}",
+               "data.batch_size=64", "train.epochs=2", "train.eval_every=-1"))
+    epochs = [m for m in _metrics(run) if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [0, 1]  # 640 pairs / (2 x 64) = 5 steps each
+    assert all(0.0 <= m["zeroshot_acc"] <= 1.0 for m in epochs)
