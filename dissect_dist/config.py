@@ -297,18 +297,3 @@ def validate_environment(cfg: RunConfig) -> None:
         check_name(cfg.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from e
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int) -> typing.Callable[[int], float]:
-    """Linear warm-up then cosine decay to 0 (or constant), as a LambdaLR factor."""
-
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        span = max(total_steps - cfg.warmup_steps, 1)
-        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
