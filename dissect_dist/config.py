@@ -26,7 +26,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfig:
     name: str = "tiny-vit-28"  # an open_clip model name, or one of dissect_dist/model_configs
     pretrained: str | None = None  # an open_clip pretrained tag or a local checkpoint path
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32; bf16: DeepSpeed's bf16 (bf16 weights and activations, fp32 master copy in the
+    # optimizer); amp_bf16: fp32 weights with the training forward (and, with
+    # selection.score_mode=eval, the scoring pass and evaluation) under torch.autocast
+    # bf16, the structure of the reference code's `amp` (which autocasts to fp16 with a
+    # gradient scaler; bf16 needs none).
+    precision: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
     # torch's inference fast path of nn.MultiheadAttention, taken by every no-grad forward
     # in eval mode (the scoring pass, evaluation). With an attention mask (open_clip's text
     # tower is causal) it is reported slower and larger on CUDA than the path training
@@ -35,7 +40,8 @@ class ModelConfig:
     mha_fastpath: Literal["auto", "enabled", "disabled"] = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.precision in ("fp32", "bf16"), "model.precision", "use fp32 or bf16")
+        _check(self.precision in ("fp32", "bf16", "amp_bf16"), "model.precision",
+               "use fp32, bf16 or amp_bf16")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -67,6 +73,13 @@ class SelectionConfig:
     first_sight: Literal["curr", "zero"] = "curr"
     warmup_epochs: int = 1
     warmup_train: Literal["random", "full"] = "random"
+    # How the no-grad scoring pass runs. eval: the model in eval mode (BatchNorm normalises
+    # with its running statistics, no dropout) under the training precision, so a pair's
+    # score does not depend on its batch-mates. reference: as the reference code scores,
+    # in train mode (BatchNorm uses and updates the batch's statistics; dropout active)
+    # and outside autocast (fp32 unless the weights themselves are bf16: precision=bf16),
+    # TF32 matmuls allowed on CUDA. benchmarks/scoring_mode.py measures the difference.
+    score_mode: Literal["eval", "reference"] = "eval"
 
     def __post_init__(self) -> None:
         from dissect_dist.selection import REGISTRY
@@ -80,6 +93,8 @@ class SelectionConfig:
         _check(self.warmup_epochs >= 0, "selection.warmup_epochs", "need >= 0")
         _check(self.warmup_train in ("random", "full"), "selection.warmup_train",
                "random or full")
+        _check(self.score_mode in ("eval", "reference"), "selection.score_mode",
+               "eval or reference")
         if self.strategy == "full":
             self.ratio = 1.0
 

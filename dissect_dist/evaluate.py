@@ -86,6 +86,11 @@ class EvalSet:
             self._batches = kept
 
 
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    """The weights' dtype (bf16 under DeepSpeed bf16): the eval images are cast to it."""
+    return next(getattr(model, "module", model).parameters()).dtype
+
+
 def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
                   device: torch.device) -> torch.Tensor:
     """(C, d) class embeddings: each class name in every template, averaged, normalised."""
@@ -107,7 +112,7 @@ def zeroshot_counts(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet, ro
     m = getattr(model, "module", model)
     correct = total = 0
     for images, _, metas in evalset:
-        f = m.encode_image(images.to(device), normalize=True).float()
+        f = m.encode_image(images.to(device, _dtype(m)), normalize=True).float()
         pred = (f @ weights.t()).argmax(-1).cpu()
         labels = torch.tensor([md["label"] for md in metas])
         correct += int((pred == labels).sum())
@@ -121,7 +126,7 @@ def retrieval_on(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet,
     """Image->text and text->image recall@1/5/10 over a held-out set of pairs."""
     fi, ft = [], []
     for images, caps, _ in evalset:
-        i, t = encode(model, images.to(device), tokenizer(caps).to(device))
+        i, t = encode(model, images.to(device, _dtype(model)), tokenizer(caps).to(device))
         fi.append(i.float())
         ft.append(t.float())
     img, txt = torch.cat(fi), torch.cat(ft)

@@ -3,10 +3,12 @@ dissect_dist/model_configs for CPU runs), the scoring forward, and export."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -68,6 +70,32 @@ def encode(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     return m.encode_image(images, normalize=True), m.encode_text(texts, normalize=True)
 
 
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """torch.autocast to `dtype` on `device`, or nothing when dtype is None."""
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+def score_features(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
+                   mode: Literal["eval", "reference"], autocast_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad L2-normalised features (b, d) for the scoring pass; the model is left in
+    train mode. eval: eval mode, under the training autocast. reference: train mode (as
+    the reference code: BatchNorm normalises with this batch's statistics and updates
+    its running statistics, dropout is active), outside autocast."""
+    model.train(mode == "reference")
+    ctx = autocast(images.device, autocast_dtype if mode == "eval" else None)
+    try:
+        with torch.no_grad(), ctx:
+            return encode(model, images, texts)
+    finally:
+        model.train()
+
+
 def encode_kept(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor,
                 keep: torch.Tensor, dummy: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +118,15 @@ def blank_row(preprocess: Any, tokenizer: Any, device: torch.device, dtype: torc
     return image, tokenizer([""]).to(device)
 
 
-def clipscore(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """CLIPScore as the reference code computes it: max(100 * cos, 0), (b,) fp32."""
-    return (100.0 * (img.float() * txt.float()).sum(-1)).clamp(min=0.0)
+def clipscore(img: torch.Tensor, txt: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+    """CLIPScore as the reference code computes it: max(100 * cos, 0), (b,) fp32, from
+    L2-normalised features (their dot product), or with cosine=True through
+    F.cosine_similarity as the reference does (equal up to rounding)."""
+    if cosine:
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+    else:
+        cos = (img.float() * txt.float()).sum(-1)
+    return (100.0 * cos).clamp(min=0.0)
 
 
 def master_copies(engine: Any, param: torch.nn.Parameter) -> list[torch.Tensor]:

@@ -77,7 +77,12 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched,
             config=ds_cfg)
+        # Input dtype: the weights' (bf16 under DeepSpeed bf16); amp_bf16 keeps fp32 weights
+        # and autocasts the forward instead.
         self.dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+        self.autocast_dtype = torch.bfloat16 if cfg.model.precision == "amp_bf16" else None
+        if cfg.selection.score_mode == "reference" and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the reference code sets it
         self.noisy = self._ledger()
         self.sink = MetricSink(str(self.run_dir), self.rank)
         self.step = 0
@@ -140,17 +145,16 @@ class Trainer:
         strat = self.selector.strategy
         curr = loss_i = None
         if strat.needs_scores or self.cfg.train.diagnose_scores:
-            self.engine.eval()
-            with torch.no_grad():
-                if b:
-                    fi, ft = modellib.encode(self.engine, images, texts)
-                else:  # (0, d) features: the per-sample loss gathers (k, d) from every rank
-                    fi, ft = (f[:0] for f in modellib.encode(self.engine, *self._dummy))
-                curr = modellib.clipscore(fi, ft)
-                if strat.needs_loss:
-                    loss_i = per_sample_loss(fi.float(), ft.float(),
-                                             self._logit_scale().float(), self.world)
-            self.engine.train()
+            mode = self.cfg.selection.score_mode
+            # An empty batch still yields (0, d) features: the per-sample loss gathers
+            # (k, d) from every rank.
+            fi, ft = modellib.score_features(self.engine, *((images, texts) if b else self._dummy),
+                                             mode=mode, autocast_dtype=self.autocast_dtype)
+            fi, ft = (fi, ft) if b else (fi[:0], ft[:0])
+            curr = modellib.clipscore(fi, ft, cosine=mode == "reference")
+            if strat.needs_loss:
+                loss_i = per_sample_loss(fi.float(), ft.float(), self._logit_scale().float(),
+                                         self.world)
         self._sync()
         t["score"] = time.perf_counter()
         if self.cfg.train.time_breakdown and self.world > 1:
@@ -176,7 +180,8 @@ class Trainer:
         keep = sel.keep
         self._sync()
         t["select"] = time.perf_counter()
-        img, txt = modellib.encode_kept(self.engine, images, texts, keep, self._dummy)
+        with modellib.autocast(self.device, self.autocast_dtype):
+            img, txt = modellib.encode_kept(self.engine, images, texts, keep, self._dummy)
         loss = clip_loss(img, txt, self._logit_scale(), self.world)
         self.engine.backward(scale_for_mean_reduce(loss, self.world))
         self._sync()
@@ -318,20 +323,21 @@ class Trainer:
         res: dict[str, Any] = {}
         t0 = time.perf_counter()
         self.engine.eval()
-        if self.cfg.data.zeroshot_dir:
-            root = self.cfg.data.zeroshot_dir
-            if self._zs_set is None:
-                self._zs_set = EvalSet(str(Path(root) / "test" / "manifest.json"),
-                                       self.pre_eval, rank=self.rank, world=self.world)
-            correct, total = zeroshot_counts(self.engine, self.tokenizer, self._zs_set, root,
-                                             self.device)
-            counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
-            dist.all_reduce(counts)
-            res["zeroshot_acc"] = float(counts[0] / counts[1].clamp(min=1))
-        if self.cfg.data.retrieval_manifest and self.rank == 0:
-            if self._ret_set is None:
-                self._ret_set = EvalSet(self.cfg.data.retrieval_manifest, self.pre_eval)
-            res.update(retrieval_on(self.engine, self.tokenizer, self._ret_set, self.device))
+        with modellib.autocast(self.device, self.autocast_dtype):
+            if self.cfg.data.zeroshot_dir:
+                root = self.cfg.data.zeroshot_dir
+                if self._zs_set is None:
+                    self._zs_set = EvalSet(str(Path(root) / "test" / "manifest.json"),
+                                           self.pre_eval, rank=self.rank, world=self.world)
+                correct, total = zeroshot_counts(self.engine, self.tokenizer, self._zs_set, root,
+                                                 self.device)
+                counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
+                dist.all_reduce(counts)
+                res["zeroshot_acc"] = float(counts[0] / counts[1].clamp(min=1))
+            if self.cfg.data.retrieval_manifest and self.rank == 0:
+                if self._ret_set is None:
+                    self._ret_set = EvalSet(self.cfg.data.retrieval_manifest, self.pre_eval)
+                res.update(retrieval_on(self.engine, self.tokenizer, self._ret_set, self.device))
         self.engine.train()
         if self.rank != 0:
             res = {}
