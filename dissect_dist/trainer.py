@@ -202,7 +202,8 @@ class Trainer:
         if self._samples_file is not None:
             self._samples_file.write(json.dumps({
                 "step": self.step, "epoch": self.loader.epoch, "ids": batch.ids.tolist(),
-                "keep": keep.cpu().tolist()}) + "\n")
+                "keep": keep.cpu().tolist(),
+                "key": None if sel.key is None else sel.key.float().cpu().tolist()}) + "\n")
         return out
 
     def _logit_scale(self) -> torch.Tensor:
