@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from dissect_dist.config import ConfigError, apply_overrides, build_config, validate_environment
+from dissect_dist.config import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    load_config,
+    validate_environment,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"train_manifest": "m.json"}}
@@ -142,3 +148,33 @@ def test_launch_fails_with_one_line_before_deepspeed(tmp_path, change, key, phra
     assert lines[-1] == "probe: False False", r.stderr[-3000:]  # no deepspeed, no group
     assert len(lines) == 2 and lines[0].startswith(f"config error: {key}: "), r.stderr
     assert phrase in lines[0]
+
+
+# The reference run, from github MediaBrain-SJTU/DISSect: train_cc3m.sh's flags and, where
+# it sets none, src/params.py's defaults (get_default_params gives RN models beta2 0.999,
+# eps 1e-8; --wd 0.1; --precision amp).
+REFERENCE_RN50_CC3M = {
+    ("model", "name"): "RN50", ("data", "batch_size"): 1280,
+    ("selection", "strategy"): "dissect_warmup",  # --select-strategy warmup_base_sampling
+    ("selection", "warmup_epochs"): 10, ("selection", "warmup_train"): "random",
+    ("selection", "ratio"): 0.2, ("selection", "scope"): "local",
+    ("selection", "score_mode"): "reference",
+    ("optim", "lr"): 2e-3, ("optim", "weight_decay"): 0.1, ("optim", "beta1"): 0.9,
+    ("optim", "beta2"): 0.999, ("optim", "eps"): 1e-8, ("optim", "warmup_steps"): 10000,
+    ("optim", "schedule"): "cosine", ("train", "epochs"): 40,
+}
+
+
+def test_shipped_reference_config_matches_the_reference_run():
+    cfg = load_config(str(REPO / "launch" / "configs" / "rn50-cc3m.yaml"), [])
+    got = {k: getattr(getattr(cfg, k[0]), k[1]) for k in REFERENCE_RN50_CC3M}
+    assert got == REFERENCE_RN50_CC3M
+    # amp: fp32 weights with an autocast forward (bf16 here, fp16 + a scaler there)
+    assert cfg.model.precision == "amp_bf16"
+    assert cfg.deepspeed_config()["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "launch" / "configs").glob(
+    "*.yaml")))
+def test_every_shipped_config_is_valid(name):
+    load_config(str(REPO / "launch" / "configs" / name), [])
