@@ -87,8 +87,10 @@ class EvalSet:
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:
-    """The weights' dtype (bf16 under DeepSpeed bf16): the eval images are cast to it."""
-    return next(getattr(model, "module", model).parameters()).dtype
+    """The weights' dtype (bf16 under DeepSpeed bf16): the eval images are cast to it
+    (fp32 for a module without parameters)."""
+    p = next(getattr(model, "module", model).parameters(), None)
+    return torch.float32 if p is None else p.dtype
 
 
 def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
