@@ -1,7 +1,8 @@
 """The path users run on GPUs, on CPU ranks: bf16 with ZeRO-2 through DeepSpeed's
 launcher (DeepSpeed's CPU accelerator runs bf16 with ZeRO 1/2). A run resumed from a
 mid-run checkpoint sees the same samples, keeps the same rows, and ends with the same
-store, module weights and fp32 optimizer state as the uninterrupted run, bit for bit."""
+store, module weights and fp32 optimizer state as the uninterrupted run, bit for bit;
+the zero-shot evaluation runs on the bf16 model (it fed it fp32 images and crashed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_trainer import _args, _run, fmnist  # noqa: F401 - fixture
+from tests.test_trainer import _args, _metrics, _run, fmnist  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 RUN = ["selection.strategy=dissect_momentum", "model.precision=bf16", "train.zero_stage=2",
@@ -36,7 +37,9 @@ def _state(run: Path) -> dict[str, object]:
 
 def test_bf16_zero2_resume_equals_the_uninterrupted_run(fmnist, tmp_path):  # noqa: F811
     whole = tmp_path / "whole"
-    _run(_args(fmnist, whole, *RUN))
+    _run(_args(fmnist, whole, *RUN, f"data.zeroshot_dir={fmnist}"))
+    evals = [m for m in _metrics(whole) if m["kind"] == "eval"]
+    assert len(evals) == 1 and 0.0 <= evals[0]["zeroshot_acc"] <= 1.0
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step-000000006",
