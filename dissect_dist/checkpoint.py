@@ -5,6 +5,9 @@
                                           rank-00000.pt ... (data cursor, selection state
                                           and RNG per rank), run.json, COMPLETE (last)
     RUN/checkpoints/latest                the newest COMPLETE tag, replaced atomically
+    RUN/checkpoints/.step-000000001200.new/  a checkpoint replacing the complete one at its
+                                          step (the end of a run saves again at the step
+                                          the loop saved), moved to its tag once complete
 
 A crash while writing leaves `latest` pointing at the previous complete tag; the torn
 tag directory is cleared by the next save at that step.
@@ -24,7 +27,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,7 @@ from store import persist
 from store.persist import SnapshotError
 
 COMPLETE = "COMPLETE"
+_STAGED = re.compile(r"\.(step-\d+)\.new")
 
 
 def tag_for(step: int) -> str:
@@ -66,13 +72,18 @@ def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, An
     rank_bytes = _to_bytes(rank_state)
     need = estimate_bytes(engine, store, len(rank_bytes), rank, _block_size(Path(root)))
 
-    # Rank 0 clears debris of an interrupted save at this step and creates the tag; then
-    # every rank checks its free space against the whole checkpoint's estimate.
-    head: tuple[str | None, str | None] = (None, None)
+    # Rank 0 clears debris of an interrupted save and creates the directory to write; then
+    # every rank checks its free space against the whole checkpoint's estimate. A complete
+    # checkpoint at this step (the end of a run saves again at the step the loop just
+    # saved) stays in place, and `latest`, until its replacement is complete: the
+    # replacement is written beside it.
+    head: tuple[str | None, bool, str | None] = (None, False, None)
     if rank == 0:
-        head = (_read_latest(Path(root)), _attempt(_make_tag_dir, tag_dir))
-    previous, prep_error = _broadcast(head)
-    out = tag_dir
+        replacing = (tag_dir / COMPLETE).exists()
+        out = _staging(tag_dir) if replacing else tag_dir
+        head = (_read_latest(Path(root)), replacing, _attempt(_make_tag_dir, out))
+    previous, replacing, prep_error = _broadcast(head)
+    out = _staging(tag_dir) if replacing else tag_dir
     report = _Report(str(tag_dir), step, previous)
     if prep_error is not None:
         raise CheckpointError(report.message(f"rank 0: {prep_error}", removed=None))
@@ -116,11 +127,31 @@ def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, An
             final = _Fault.of(e, 0, out, need)
             (Path(root) / "latest.tmp").unlink(missing_ok=True)
         else:
+            if replacing:
+                _replace(tag_dir, out)
             _prune(Path(root), keep)
     final = _broadcast(final)
     if final is not None:  # `latest` was not replaced
         _fail(report, [final], out, needed)
     return tag
+
+
+def _staging(tag_dir: Path) -> Path:
+    return tag_dir.with_name(f".{tag_dir.name}.new")
+
+
+def _replace(tag_dir: Path, staged: Path) -> None:
+    """Rank 0, once `latest` names the complete staged copy: move it to its tag. Between
+    the rename and the last write `latest` names a staged copy that is gone; latest()
+    reads that as the tag."""
+    try:
+        shutil.rmtree(tag_dir)
+        os.rename(staged, tag_dir)
+        _atomic_write(tag_dir.parent / "latest", tag_dir.name.encode())
+    except OSError as e:  # the staged copy is complete and `latest`: nothing is lost
+        print(f"checkpoint {staged} is complete and latest, but could not be moved to "
+              f"{tag_dir.name} ({_one_line(e)}); --resume latest uses it as it is",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- write failures
@@ -413,6 +444,10 @@ def _prune(root: Path, keep: int) -> None:
     tags = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    current = _read_latest(root)
+    for staged in root.glob(".step-*.new"):  # debris of interrupted replacements
+        if staged.name != current:
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def latest(root: str) -> str | None:
@@ -420,6 +455,9 @@ def latest(root: str) -> str | None:
     if not p.exists():
         return None
     tag = p.read_text().strip()
+    m = _STAGED.fullmatch(tag)
+    if m and not (Path(root) / tag).exists() and (Path(root) / m[1] / COMPLETE).exists():
+        tag = m[1]  # save() stopped between moving a staged copy to its tag and `latest`
     if not (Path(root) / tag / COMPLETE).exists():
         raise RuntimeError(f"{root}/latest names {tag}, which is not complete: the "
                            "checkpoint directory was edited by hand; point --resume at a tag")

@@ -1,13 +1,15 @@
 """checkpoint.save on 2 gloo ranks with a stand-in for DeepSpeed's engine that has the
 shape of its save_checkpoint (barrier, tag-hash all_reduce, each rank's writes through
 checkpoint_engine, barrier): a write that fails on one rank inside that call fails the
-checkpoint on every rank without a hang. The trainer-level runs on a full disk are in
-tests/test_trainer.py."""
+checkpoint on every rank without a hang, and a checkpoint rewritten at its own step stays
+`latest` until its replacement is complete. The trainer-level runs on a full disk are
+in tests/test_trainer.py."""
 
 from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,6 +85,10 @@ def rp_checkpoint(ctx: dict[str, Any], root: str, step: int, marker: int,
     return ""
 
 
+def _marker(root: Path, tag: str) -> int:
+    return int(torch.load(root / tag / "rank-00001.pt", weights_only=False)["marker"])
+
+
 def test_a_write_failing_on_one_rank_inside_deepspeeds_save_stops_every_rank(pools, tmp_path):
     pool = pools(2)
     assert pool.run(rp_checkpoint, str(tmp_path), 2, 1, None) == ["", ""]
@@ -98,3 +104,28 @@ def test_a_write_failing_on_one_rank_inside_deepspeeds_save_stops_every_rank(poo
     # The ranks' collectives stayed in step: the next checkpoint is written.
     assert pool.run(rp_checkpoint, str(tmp_path), 6, 3, None) == ["", ""]
     assert checkpoint.latest(str(tmp_path)) == "step-000000006"
+
+
+def test_a_checkpoint_rewritten_at_its_step_stays_latest_until_the_new_one_is_complete(
+        pools, tmp_path):
+    """The end of a run saves again at the step the loop just saved."""
+    pool = pools(2)
+    assert pool.run(rp_checkpoint, str(tmp_path), 2, 1, None) == ["", ""]
+    errs = pool.run(rp_checkpoint, str(tmp_path), 2, 2, 0)  # rank 0's model file: EIO
+    assert "latest is still step-000000002 (complete); the partial .step-000000002.new " \
+        "was removed" in errs[0]
+    assert checkpoint.latest(str(tmp_path)) == "step-000000002"
+    assert _marker(tmp_path, "step-000000002") == 1  # the first one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000000002"]
+    assert pool.run(rp_checkpoint, str(tmp_path), 2, 3, None) == ["", ""]
+    assert checkpoint.latest(str(tmp_path)) == "step-000000002"
+    assert _marker(tmp_path, "step-000000002") == 3  # replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000000002"]
+
+
+def test_latest_reads_through_a_replacement_stopped_before_its_last_write(tmp_path):
+    (tmp_path / "step-000000002").mkdir()
+    (tmp_path / "step-000000002" / checkpoint.COMPLETE).write_text("ok\n")
+    # The staged copy was moved to its tag; `latest` still names the staged copy.
+    (tmp_path / "latest").write_text(".step-000000002.new")
+    assert checkpoint.latest(str(tmp_path)) == "step-000000002"
