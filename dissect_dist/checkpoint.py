@@ -173,9 +173,9 @@ def estimate_bytes(engine: Any, store: Any, rank_state_bytes: int, rank: int,
     part is persist.write_bytes_bound (values taken as incompressible); the rank state is
     its exact pickled size; rank 0 adds run.json, COMPLETE and `latest`. Every file is
     rounded up to the filesystem block, and the whole gets a 2% margin.
-    Calibration (tiny-vit-28, fp32, 2 ranks; tests/test_trainer.py checks the first):
-    ZeRO 0 41.32 MB written, 42.39 MB estimated (1.026x); ZeRO 1 55.00 MB written,
-    56.39 MB estimated (1.025x).
+    Calibration (tiny-vit-28, 2 CPU ranks; tests/test_trainer.py checks the first):
+    fp32 ZeRO 0 41.32 MB written, 42.39 MB estimated (1.026x); fp32 ZeRO 1 55.00 MB,
+    56.39 MB (1.025x); bf16 ZeRO 0 48.23 MB, 49.38 MB (1.024x).
     """
     model_file = bool(getattr(engine, "save_non_zero_checkpoint", rank == 0))
     zero_file = bool(getattr(engine, "save_zero_checkpoint", False))
