@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def before(at: str, fn: Any, step_of: Any) -> Any:
 ScoreStore.save = before("scores", ScoreStore.save, lambda self, url, step, **kw: step)
 DeepSpeedEngine.save_checkpoint = before(
     "model", DeepSpeedEngine.save_checkpoint,
-    lambda self, save_dir, tag=None, **kw: int(str(tag).rsplit("-", 1)[1]))
+    lambda self, save_dir, tag=None, **kw: int(re.search(r"step-(\d+)", str(tag))[1]))
 
 sys.argv[0] = str(REPO / "launch" / "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
