@@ -103,6 +103,7 @@ class Trainer:
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._samples_file = None
+        self._bar: Any = None  # the progress bar while train() runs
         self._zs_set: EvalSet | None = None
         self._ret_set: EvalSet | None = None
         self._last_eval: tuple[int, dict[str, Any]] | None = None  # (step, results)
@@ -213,8 +214,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.step + self._steps_left(), initial=self.step,
-                   disable=self.rank != 0, dynamic_ncols=True, desc=self.cfg.selection.strategy)
+        bar = self._bar = tqdm(total=self.step + self._steps_left(), initial=self.step,
+                               disable=self.rank != 0, dynamic_ncols=True,
+                               desc=self.cfg.selection.strategy)
         window: list[dict[str, Any]] = []
         t_last = time.perf_counter()
         while not self._done():
@@ -411,6 +413,8 @@ class Trainer:
         self._samples_file = open(path, "a", buffering=1)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()  # ends the bar's line where train() raised
         self.sink.close()
         if self._samples_file is not None:
             self._samples_file.close()

@@ -3,7 +3,10 @@
 parse -> init -> build -> train -> close. The config (its values, the files it names and
 the model name) is validated before DeepSpeed is imported: a bad one exits with status 2
 and one line `config error: section.key: ...` on stderr. The DeepSpeed config is
-generated from it unless --deepspeed_config."""
+generated from it unless --deepspeed_config.
+
+Exit status: 0 done; 2 config error; 3 a checkpoint could not be written (every rank
+prints why, and how to go on: the previous checkpoint is still `latest`)."""
 
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ def main() -> int:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=None)
+    import torch.distributed as dist
+
+    from dissect_dist.checkpoint import CheckpointError
     from dissect_dist.trainer import Trainer
 
     try:
@@ -62,6 +68,12 @@ def main() -> int:
             final = trainer.train()
         finally:
             trainer.close()
+    except CheckpointError as e:  # raised on every rank at the same point
+        dist.barrier()  # every progress bar has ended its line
+        sys.stderr.write(f"[rank {dist.get_rank()}] {e}\n")  # one write: lines stay whole
+        sys.stderr.flush()
+        dist.barrier()  # the launcher kills the other ranks once one exits non-zero
+        return 3
     finally:
         _release_cpu_comm_workspace()
     if trainer.rank == 0:

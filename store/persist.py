@@ -202,6 +202,27 @@ class ShardEncoder:
         return b"".join(parts)
 
 
+def write_bytes_bound(layout: Layout, lo: int, hi: int, *, commits: bool,
+                      block: int = 4096) -> int:
+    """At most the bytes one rank stores for a snapshot of ids [lo, hi): its shard objects,
+    each rounded up to the filesystem's `block`, and for the committing rank (rank 0) the
+    array metadata and the commit record. Blosc stores an incompressible chunk raw behind a
+    16-byte header; each inner chunk also carries a crc32c, each shard an index of
+    (offset, nbytes) pairs and its crc32c."""
+    if hi <= lo:
+        shards = 0
+        chunks = 0
+    else:
+        shards = len(layout.shards_of_range(lo, hi))
+        chunks = -(-(hi - lo) // layout.chunk)
+    per_shard = layout.shard // layout.chunk
+    raw = chunks * (layout.chunk * 2 + 16 + 4) + shards * (16 * per_shard + 4)
+    total = raw + shards * block
+    if commits:  # zarr.json (~1.3 KB) and COMMIT.json (~300 B + 11 B per shard crc)
+        total += 2 * (8192 + 16 * layout.num_shards)
+    return total
+
+
 def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
            extra: dict[str, Any] | None = None, *,
            storage_options: dict[str, Any] | None = None) -> None:

@@ -1,16 +1,20 @@
 """The trainer through DeepSpeed's launcher on 2 CPU ranks (gloo): every strategy
 trains; a run killed with SIGKILL and resumed equals an uninterrupted one (samples,
-store, model); bad configs fail before any process group starts."""
+store, model); a checkpoint that does not fit on its disk stops every rank with one
+clear message and loses nothing; bad configs fail before any process group starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +47,12 @@ def _args(data: Path, run: Path, *extra: str) -> list[str]:
             "train.log_every=1", "optim.warmup_steps=2", *extra]
 
 
-def _launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
-    cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), *args]
-    return subprocess.Popen(cmd, env=ENV, cwd=str(REPO), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+def _launch(args: list[str], nproc: int = 2, script: Path = REPO / "launch" / "train.py",
+            env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
+    return subprocess.Popen(cmd, env={**ENV, **(env or {})}, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _run(args: list[str], nproc: int = 2, timeout: int = 400) -> str:
@@ -231,3 +236,96 @@ def test_eval_every_epoch_evaluates_without_a_noise_ledger(fmnist, tmp_path):
     epochs = [m for m in _metrics(run) if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [0, 1]  # 640 pairs / (2 x 64) = 5 steps each
     assert all(0.0 <= m["zeroshot_acc"] <= 1.0 for m in epochs)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, mib: int) -> Iterator[Path]:
+    """A small filesystem of its own at path, unmounted afterwards whatever happens."""
+    path.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"needs to mount a tmpfs (root): {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _run_to_exit(p: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out = p.communicate()[0]
+        pytest.fail(f"ranks still running {timeout} s after start (stuck in a collective?):\n"
+                    + out[-3000:])
+    return p.returncode, out
+
+
+# A checkpoint of this run (tiny-vit-28, fp32, AdamW) takes 41 MB.
+SPACE_RUN = ["train.max_steps=4", "train.checkpoint_every=2"]
+
+
+def _assert_stopped_cleanly(rc: int, out: str, ckpt: Path, cause: str) -> None:
+    """Every rank printed the one line (path, cause, free vs needed, the kept `latest`,
+    how to go on) and exited with status 3; step 4's debris is gone, step 2 is `latest`
+    and loads."""
+    assert rc == 3, out[-5000:]
+    assert "Traceback" not in out and "Connection closed by peer" not in out, out[-5000:]
+    sizes = []
+    for r in (0, 1):
+        lines = [ln for ln in out.splitlines() if ln.startswith(f"[rank {r}] checkpoint ")]
+        assert len(lines) == 1, out[-5000:]
+        line = lines[0]
+        assert f"checkpoint {ckpt}/step-000000004 not written: {cause}" in line, line
+        assert "latest is still step-000000002 (complete)" in line, line
+        assert "then rerun with --resume latest" in line, line
+        m = re.search(r"([\d.]+) (KiB|MiB) free.*?about ([\d.]+) (KiB|MiB) needed", line)
+        assert m, line
+        scale = {"KiB": 1, "MiB": 1024}
+        sizes.append((float(m[1]) * scale[m[2]], float(m[3]) * scale[m[4]]))
+    assert sizes[0] == sizes[1]  # one message, the same on every rank
+    assert sizes[0][0] < sizes[0][1]  # less free than needed
+    assert (ckpt / "latest").read_text() == "step-000000002"
+    assert not (ckpt / "step-000000004").exists()  # removed: it does not eat the space left
+    assert (ckpt / "step-000000002" / "COMPLETE").exists()
+    assert ScoreStore.load(str(ckpt / "step-000000002" / "scores")).loaded_record is not None
+
+
+def test_checkpoint_that_does_not_fit_stops_every_rank_and_keeps_latest(fmnist, tmp_path):
+    """The second checkpoint does not fit: the free-space check stops the run before
+    anything is written, and the run resumes from the first on a roomy disk."""
+    run = tmp_path / "full"
+    with _tmpfs(run / "checkpoints", 60) as ckpt:  # room for one checkpoint, not two
+        rc, out = _run_to_exit(_launch(_args(fmnist, run, *SPACE_RUN)))
+        _assert_stopped_cleanly(rc, out, ckpt, "no space: ")
+        assert "checked before writing" in out
+        # The estimate the check used is calibrated on a real checkpoint: it covers it,
+        # with little to spare.
+        first = ckpt / "step-000000002"
+        written = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+        estimate = json.loads((first / "run.json").read_text())["bytes_estimate"]
+        assert written <= estimate <= 1.1 * written
+        roomy = tmp_path / "roomy"
+        shutil.copytree(ckpt, roomy / "checkpoints")
+    out = _run(_args(fmnist, roomy, "train.max_steps=3") + ["--resume", "latest"])
+    assert "resumed from step-000000002 (step 2" in out
+    assert (roomy / "checkpoints" / "latest").read_text() == "step-000000003"
+
+
+@pytest.mark.parametrize("at,rank", [("scores", 1), ("model", 0)])
+def test_disk_filled_during_a_checkpoint_stops_every_rank_and_keeps_latest(
+        fmnist, tmp_path, at, rank):
+    """The check passed, then another process filled the disk: the score-store snapshot
+    (rank 1 filled it) or DeepSpeed's model file (rank 0) fails with a real ENOSPC
+    inside a collective write, and every rank still ends with the one message."""
+    run = tmp_path / "run"
+    with _tmpfs(run / "checkpoints", 120) as ckpt:  # room for both checkpoints
+        env = {"FILL_FILE": str(ckpt / "ballast"), "FILL_STEP": "4", "FILL_AT": at,
+               "FILL_RANK": str(rank)}
+        p = _launch(_args(fmnist, run, *SPACE_RUN), script=REPO / "tests" / "scripts" /
+                    "full_disk_train.py", env=env)
+        rc, out = _run_to_exit(p)
+        assert f"[rank {rank}] filled the disk before the {at} of step 4" in out
+        _assert_stopped_cleanly(rc, out, ckpt, "no space while writing (")
