@@ -4,7 +4,7 @@ new historical score. Vectorised over fp32 tensors; NaN in `old` means never sco
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
@@ -18,30 +18,25 @@ class UpdateRule(Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Momentum:
-    """Temporal ensembling h <- beta*h + (1-beta)*c.
+    """Temporal ensembling h <- beta*h + (1-beta)*c; a never-scored sample gets h := c.
 
-    first_sight="curr": a never-scored sample starts at h := c (the default).
-    first_sight="zero": the history starts at 0, so h := (1-beta)*c, as the reference
-    DISSect code does with its zero-initialised buffer.
+    The first sighting always records h := c. How a never-scored sample is *ranked*
+    (the reference code's zero-initialised history gives it δ = 0 - c) is the selection
+    strategy's business (dissect_dist.selection.DissectMomentum, `first_sight`), not the
+    store's: the reference, too, stores c in its first epoch (`hist = curr if epoch == 0`,
+    then 0.9*hist + 0.1*curr = curr).
     """
 
     beta: float = 0.9
-    first_sight: Literal["curr", "zero"] = "curr"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"Momentum beta={self.beta}: need 0 <= beta < 1")
-        if self.first_sight not in ("curr", "zero"):
-            raise ValueError(
-                f"Momentum first_sight={self.first_sight!r}: use 'curr' or 'zero'"
-            )
 
     def apply(self, old: torch.Tensor, curr: torch.Tensor) -> torch.Tensor:
         seen = ~torch.isnan(old)
         new = self.beta * torch.where(seen, old, 0.0) + (1.0 - self.beta) * curr
-        if self.first_sight == "curr":
-            new = torch.where(seen, new, curr)
-        return new
+        return torch.where(seen, new, curr)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

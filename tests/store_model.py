@@ -10,12 +10,12 @@ import torch
 
 from store import Frozen, Momentum, Overwrite, ScoreStore, TorchDistributed
 
-RuleSpec = tuple[Any, ...]  # ("momentum", beta, first_sight) | ("overwrite",) | ("frozen",)
+RuleSpec = tuple[Any, ...]  # ("momentum", beta) | ("overwrite",) | ("frozen",)
 
 
 def make_rule(spec: RuleSpec) -> Momentum | Overwrite | Frozen:
     if spec[0] == "momentum":
-        return Momentum(beta=spec[1], first_sight=spec[2])
+        return Momentum(beta=spec[1])
     return Overwrite() if spec[0] == "overwrite" else Frozen()
 
 
@@ -40,10 +40,9 @@ class DictModel:
             if rule[0] == "overwrite":
                 self.h[i] = np.float16(c32)
             elif rule[0] == "momentum":
-                beta, first = np.float32(rule[1]), rule[2]
-                one_minus = np.float32(1.0 - rule[1])
-                if i not in before:
-                    new = c32 if first == "curr" else beta * np.float32(0) + one_minus * c32
+                beta, one_minus = np.float32(rule[1]), np.float32(1.0 - rule[1])
+                if i not in before:  # first sight records the score itself
+                    new = c32
                 else:
                     new = beta * np.float32(before[i]) + one_minus * c32
                 self.h[i] = np.float16(np.float32(new))

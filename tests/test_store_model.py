@@ -25,8 +25,7 @@ from tests.store_model import (
 pytestmark = pytest.mark.multirank
 
 rules = st.one_of(
-    st.tuples(st.just("momentum"), st.sampled_from([0.0, 0.5, 0.9]),
-              st.sampled_from(["curr", "zero"])),
+    st.tuples(st.just("momentum"), st.sampled_from([0.0, 0.5, 0.9])),
     st.just(("overwrite",)),
     st.just(("frozen",)),
 )
@@ -103,6 +102,6 @@ def test_model_semantics_for_duplicates_are_last_occurrence_wins() -> None:
     """The documented duplicate rule, pinned on a hand-written case."""
     m = DictModel(10)
     m.exchange([([3], [10.0]), ([3], [20.0])], ("overwrite",))
-    hist = m.exchange([([3, 3], [30.0, 40.0]), ([3], [50.0])], ("momentum", 0.5, "curr"))
+    hist = m.exchange([([3, 3], [30.0, 40.0]), ([3], [50.0])], ("momentum", 0.5))
     assert hist == [[20.0, 20.0], [20.0]]  # every occurrence sees the pre-step value
     assert float(m.h[3]) == np.float16(0.5 * 20.0 + 0.5 * 50.0)  # only the last one updates
