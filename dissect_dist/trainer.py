@@ -58,7 +58,8 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.comm = TorchDistributed()
-        self.store = ScoreStore(self.manifest.total, self.comm, device=self.device)
+        self.store = ScoreStore(self.manifest.total, self.comm, device=self.device,
+                                seed=cfg.train.seed)
         self.selector = self._selector()
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
@@ -85,7 +86,8 @@ class Trainer:
         self._shadow_keys: list[tuple[np.ndarray, np.ndarray]] = []
         if cfg.train.diagnose_scores and self.noisy is not None and \
                 not self.selector.strategy.needs_scores:
-            self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device)
+            self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device,
+                                      seed=cfg.train.seed)
         self._shadow_rule = Momentum(beta=cfg.selection.beta)
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
