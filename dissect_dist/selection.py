@@ -12,7 +12,7 @@ deterministic and not biased toward low ids or low ranks.
     clipscore         curr                                       -
     small_loss        -per-sample InfoNCE                        -
     big_loss          +per-sample InfoNCE                        -
-    dissect_momentum  δ = hist - curr                            Momentum(β, first_sight)
+    dissect_momentum  δ = hist - curr (new: 0 or -curr)          Momentum(β)
     dissect_warmup    epoch < T_w: random (or full)              Overwrite
                       then (hist - mean hist) - (curr - mean curr) Frozen
 """
@@ -117,19 +117,29 @@ class LossSel(_Stateless):
 
 
 class DissectMomentum(_Stateless):
-    """δ = hist - curr with temporal ensembling of hist (β). first_sight 'curr' gives a
-    new sample δ = 0; 'zero' reproduces the reference code's zero-initialised buffer
-    (δ = -curr in the first epoch, which keeps the lowest-scoring pairs)."""
+    """δ = hist - curr with temporal ensembling of hist (β); the store records
+    hist := curr at a sample's first sighting and β-averages from then on.
+
+    first_sight sets only the ranking key of a sample with no history yet:
+    'curr' ranks it by δ = curr - curr = 0 (ties broken at random); 'zero' by
+    δ = 0 - curr, which keeps the lowest-scoring pairs, as the reference code ranks its
+    first epoch against a zero-initialised history. One difference: the reference keys
+    this on epoch == 0, this project on a sample's first sighting. They agree except for
+    samples first seen after epoch 0 (those in epoch 0's drop-last remainder), which the
+    reference ranks by 0 - curr too but then stores 0.1*curr (its epoch-0 branch no
+    longer applies), where this project stores curr."""
 
     needs_scores = True
 
     def __init__(self, store: ScoreStore, beta: float, first_sight: Literal["curr", "zero"]):
-        self.store, self.rule = store, Momentum(beta=beta, first_sight=first_sight)
+        if first_sight not in ("curr", "zero"):
+            raise ValueError(f"first_sight={first_sight!r}: use 'curr' or 'zero'")
+        self.store, self.rule, self.first_sight = store, Momentum(beta=beta), first_sight
 
     def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
         assert batch.curr is not None
         hist = self.store.exchange(batch.ids, batch.curr, self.rule)  # pre-update values
-        start = batch.curr if self.rule.first_sight == "curr" else torch.zeros_like(batch.curr)
+        start = batch.curr if self.first_sight == "curr" else torch.zeros_like(batch.curr)
         hist = torch.where(torch.isnan(hist), start, hist)
         return Selection(torch.empty(0, dtype=torch.bool), hist - batch.curr, hist)
 

@@ -60,7 +60,8 @@ class Trainer:
         # another world size ends after the same epochs, on the same learning-rate curve.
         self.progress = Progress(samples_seen=0, ref_batch=self.world * cfg.data.batch_size)
         self.comm = TorchDistributed()
-        self.store = ScoreStore(self.manifest.total, self.comm, device=self.device)
+        self.store = ScoreStore(self.manifest.total, self.comm, device=self.device,
+                                seed=cfg.train.seed)
         self.selector = self._selector()
         # A resume with another world size under ZeRO 1/2 loads the optimizer state through
         # DeepSpeed's universal checkpoint format (see checkpoint.universal_dir).
@@ -98,7 +99,8 @@ class Trainer:
         self._shadow_keys: list[tuple[np.ndarray, np.ndarray]] = []
         if cfg.train.diagnose_scores and self.noisy is not None and \
                 not self.selector.strategy.needs_scores:
-            self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device)
+            self._shadow = ScoreStore(self.manifest.total, self.comm, device=self.device,
+                                      seed=cfg.train.seed)
         self._shadow_rule = Momentum(beta=cfg.selection.beta)
         # (sum, count) of CLIPScores of clean and of noisy pairs this epoch, on device
         self._score_sums = torch.zeros(4, dtype=torch.float64, device=self.device)

@@ -9,7 +9,9 @@ Layout under a root URL (file://, memory://, s3://, or a plain local path):
 
 A snapshot without COMMIT.json is torn (its save was interrupted) and is never read.
 COMMIT.json also holds a crc32 of every shard's decoded values, so a damaged or
-missing object is detected end to end, whatever the storage backend did.
+missing object is detected end to end, whatever the storage backend did, and the
+store's rounding seed and exchange counter, so a loaded store rounds its next writes
+as the saved one would have.
 """
 
 from __future__ import annotations
@@ -224,9 +226,10 @@ def write_bytes_bound(layout: Layout, lo: int, hi: int, *, commits: bool,
 
 
 def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
-           extra: dict[str, Any] | None = None, *,
+           extra: dict[str, Any] | None = None, *, seed: int = 0, exchanges: int = 0,
            storage_options: dict[str, Any] | None = None) -> None:
-    """Rank 0 only, after every rank wrote: publish the snapshot."""
+    """Rank 0 only, after every rank wrote: publish the snapshot. `seed` and
+    `exchanges` are the store's rounding seed and exchange counter (ScoreStore)."""
     if sorted(crcs) != list(range(layout.num_shards)):
         missing = sorted(set(range(layout.num_shards)) - set(crcs))
         raise SnapshotError(
@@ -240,6 +243,8 @@ def commit(url: str, step: int, layout: Layout, crcs: dict[int, int],
         "dtype": "float16",
         "layout": layout.to_dict(),
         "shard_crc32": [crcs[s] for s in range(layout.num_shards)],
+        "seed": seed,
+        "exchanges": exchanges,
         "created_unix": time.time(),
         "extra": extra or {},
     }

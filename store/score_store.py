@@ -4,6 +4,10 @@ every sample id the rank owns, NaN = never scored, and the per-step exchange.
 Memory is 2 bytes per owned sample (the tensor) and nothing per sample beyond that:
 no Python objects, no index structures. Traffic per exchange is O(local batch) per
 rank: ids and scores travel to their owners and the old scores travel back.
+
+Writes are rounded to fp16 as the update rule asks: round-to-nearest, or stochastic
+rounding whose random numbers are a hash of (seed, exchange counter, sample id)
+(store/rounding.py), so they need no per-sample state and no generator to partition.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from store.collective import Collective, SingleProcess
 from store.layout import DEFAULT_CHUNK, DEFAULT_SHARD, Layout
+from store.rounding import to_fp16_nearest, to_fp16_stochastic, uniform
 from store.rules import UpdateRule
 
 STORE_DTYPE = torch.float16
@@ -29,6 +34,10 @@ class ScoreStore:
 
     Every public method that takes a `Collective` is collective: all ranks must call
     it, in the same order, even a rank whose batch is empty.
+
+    `seed` and the exchange counter (`exchanges`, the number of exchanges this store's
+    history has run, the same on every rank) pick the stochastic rounding's random
+    numbers; both are saved with a snapshot and restored by `load`.
     """
 
     def __init__(
@@ -39,6 +48,7 @@ class ScoreStore:
         device: torch.device | str = "cpu",
         chunk_target: int = DEFAULT_CHUNK,
         shard_target: int = DEFAULT_SHARD,
+        seed: int = 0,
     ) -> None:
         self.comm: Collective = collective if collective is not None else SingleProcess()
         self.layout = Layout.build(
@@ -46,6 +56,8 @@ class ScoreStore:
         )
         self.lo, self.hi = self.layout.range_of(self.comm.rank)
         self.device = torch.device(device)
+        self.seed = seed
+        self.exchanges = 0
         # The commit record this store was loaded from (None for a fresh store).
         self.loaded_record: dict[str, Any] | None = None
         # (hi - lo,) fp16; NaN = never scored. The only per-sample memory there is.
@@ -69,6 +81,9 @@ class ScoreStore:
         Duplicate ids in one global batch: every occurrence receives the pre-call
         value, and the update is applied once, as if only the last occurrence in
         global order (rank, then position in that rank's batch) were in the batch.
+
+        The exchange counter advances by one on every rank (a refused exchange, which
+        raises on every rank, does not count).
         """
         w = self.layout.world_size
         ids = ids.reshape(-1).to(device=self.device, dtype=torch.int64)
@@ -90,11 +105,14 @@ class ScoreStore:
         got_host = got.tolist()
         self._raise_on_bad_input(got_host, ids, curr, bad_id, bad_score)
         recv_splits = [row[0] for row in got_host]
+        counter = self.exchanges
+        self.exchanges += 1
 
         # ids < 2**53 travel exactly as float64, so one message carries both columns.
         payload = torch.stack([ids[order].double(), curr[order].double()], dim=1)
         recv = self.comm.all_to_all(payload, send_splits, recv_splits)  # (R, 2)
-        old = self._read_and_update(recv[:, 0].long() - self.lo, recv[:, 1].float(), rule)
+        old = self._read_and_update(recv[:, 0].long() - self.lo, recv[:, 1].float(), rule,
+                                    counter)
 
         back = self.comm.all_to_all(old, recv_splits, send_splits)  # (b,)
         hist = torch.empty_like(back)
@@ -102,7 +120,7 @@ class ScoreStore:
         return hist
 
     def _read_and_update(
-        self, local: torch.Tensor, curr: torch.Tensor, rule: UpdateRule
+        self, local: torch.Tensor, curr: torch.Tensor, rule: UpdateRule, counter: int
     ) -> torch.Tensor:
         """Old values (R,) fp32 for the received rows; applies `rule` once per distinct
         id, with the last occurrence's score (rows arrive in global (rank, position)
@@ -114,7 +132,11 @@ class ScoreStore:
         old_u = self.values[uniq].float()
         new = rule.apply(old_u, self._last_score(inverse, curr, uniq.numel()))
         if new is not None:
-            self.values[uniq] = new.to(STORE_DTYPE)
+            if rule.rounding == "stochastic":
+                u = uniform(self.seed, counter, uniq + self.lo)  # keyed by global id
+                self.values[uniq] = to_fp16_stochastic(new, u)
+            else:
+                self.values[uniq] = to_fp16_nearest(new)
         return old_u[inverse]
 
     @staticmethod
@@ -215,7 +237,8 @@ class ScoreStore:
         if not errors and self.comm.rank == 0:
             try:
                 persist.commit(url, step, self.layout, persist.merge_crcs([c for c, _ in parts]),
-                               extra, storage_options=opts)
+                               extra, seed=self.seed, exchanges=self.exchanges,
+                               storage_options=opts)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"rank 0 commit: {type(e).__name__}: {e}")
         errors = self.comm.broadcast_object(errors, src=0)
@@ -239,7 +262,9 @@ class ScoreStore:
     ) -> ScoreStore:
         """Collective. Load a committed snapshot (the newest, or `step`) into a store
         for the current world, whatever world size saved it. `n`, when given, must
-        match the snapshot's N."""
+        match the snapshot's N. The seed and exchange counter come from the snapshot
+        (0 and 0 for one written before they were recorded), so exchanges after a load
+        round exactly as they would have in the store that was saved."""
         from store import persist
 
         comm = collective if collective is not None else SingleProcess()
@@ -255,7 +280,8 @@ class ScoreStore:
             raise persist.SnapshotError(record)
         assert record is not None
         store = cls(record["n"], comm, device=device, chunk_target=chunk_target,
-                    shard_target=shard_target)
+                    shard_target=shard_target, seed=int(record.get("seed", 0)))
+        store.exchanges = int(record.get("exchanges", 0))
         err = None
         try:
             for off, block in persist.read_range(url, record, store.lo, store.hi,

@@ -10,20 +10,56 @@ import torch
 
 from store import Frozen, Momentum, Overwrite, ScoreStore, TorchDistributed
 
-RuleSpec = tuple[Any, ...]  # ("momentum", beta, first_sight) | ("overwrite",) | ("frozen",)
+RuleSpec = tuple[Any, ...]  # ("momentum", beta) | ("overwrite",) | ("frozen",)
 
 
 def make_rule(spec: RuleSpec) -> Momentum | Overwrite | Frozen:
     if spec[0] == "momentum":
-        return Momentum(beta=spec[1], first_sight=spec[2])
+        return Momentum(beta=spec[1])
     return Overwrite() if spec[0] == "overwrite" else Frozen()
+
+
+def _mix32(x: np.uint32) -> np.uint32:
+    """The store's 32-bit hash, in numpy's wrapping uint32 arithmetic."""
+    with np.errstate(over="ignore"):
+        x = np.uint32(x ^ (x >> np.uint32(16)))
+        x = np.uint32(x * np.uint32(0x21F0AAAD))
+        x = np.uint32(x ^ (x >> np.uint32(15)))
+        x = np.uint32(x * np.uint32(0x735A2D97))
+        return np.uint32(x ^ (x >> np.uint32(15)))
+
+
+def model_uniform(seed: int, counter: int, i: int) -> float:
+    """u in [0, 1) of sample i in exchange `counter`: hash of the 32-bit words
+    seed_lo, seed_hi, counter_lo, counter_hi, id_lo, id_hi (seed_lo salted)."""
+    words = [seed % 2**32 ^ 0x9E3779B9, (seed >> 32) % 2**32, counter % 2**32,
+             (counter >> 32) % 2**32, i % 2**32, (i >> 32) % 2**32]
+    x = _mix32(np.uint32(words[0]))
+    for w in words[1:]:
+        x = _mix32(np.uint32(x ^ np.uint32(w)))
+    return int(x >> np.uint32(8)) / 2**24
+
+
+def model_stochastic_fp16(v: np.float32, u: float) -> np.float16:
+    """v rounded to the fp16 neighbour above with probability (v - lo) / (hi - lo)."""
+    near = np.float16(v)
+    if np.float32(near) == v:
+        return near
+    if np.float32(near) < v:
+        lo, hi = near, np.nextafter(near, np.float16(np.inf))
+    else:
+        lo, hi = np.nextafter(near, np.float16(-np.inf)), near
+    p = (v - np.float32(lo)) / (np.float32(hi) - np.float32(lo))  # float32 arithmetic
+    return hi if u < p else lo
 
 
 class DictModel:
     """id -> fp16 score; absent = never scored. Semantics written out longhand."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, seed: int = 0) -> None:
         self.n = n
+        self.seed = seed
+        self.exchanges = 0
         self.h: dict[int, np.float16] = {}
 
     def exchange(self, batches: list[tuple[list[int], list[float]]], rule: RuleSpec
@@ -31,6 +67,7 @@ class DictModel:
         before = dict(self.h)
         hists = [[float(before[i]) if i in before else float("nan") for i in ids]
                  for ids, _ in batches]
+        counter, self.exchanges = self.exchanges, self.exchanges + 1
         last: dict[int, float] = {}
         for ids, scores in batches:  # global order: rank, then position
             for i, c in zip(ids, scores):
@@ -40,13 +77,13 @@ class DictModel:
             if rule[0] == "overwrite":
                 self.h[i] = np.float16(c32)
             elif rule[0] == "momentum":
-                beta, first = np.float32(rule[1]), rule[2]
-                one_minus = np.float32(1.0 - rule[1])
-                if i not in before:
-                    new = c32 if first == "curr" else beta * np.float32(0) + one_minus * c32
+                beta, one_minus = np.float32(rule[1]), np.float32(1.0 - rule[1])
+                if i not in before:  # first sight records the score itself
+                    new = c32
                 else:
                     new = beta * np.float32(before[i]) + one_minus * c32
-                self.h[i] = np.float16(np.float32(new))
+                u = model_uniform(self.seed, counter, i)
+                self.h[i] = model_stochastic_fp16(np.float32(new), u)
         return hists
 
     def dense(self) -> np.ndarray:
@@ -59,8 +96,10 @@ class DictModel:
 # ---------------------------------------------------------------- rank programs
 # Each runs on every rank of a tests.rank_pool.RankPool as fn(ctx, *args).
 
-def rp_new_store(ctx: dict[str, Any], n: int, chunk: int, shard: int) -> tuple[int, int]:
-    ctx["store"] = ScoreStore(n, TorchDistributed(), chunk_target=chunk, shard_target=shard)
+def rp_new_store(ctx: dict[str, Any], n: int, chunk: int, shard: int,
+                 seed: int = 0) -> tuple[int, int]:
+    ctx["store"] = ScoreStore(n, TorchDistributed(), chunk_target=chunk, shard_target=shard,
+                              seed=seed)
     return ctx["store"].lo, ctx["store"].hi
 
 
@@ -108,6 +147,18 @@ def rp_exchange_random(ctx: dict[str, Any], seed: int, b: int) -> None:
     ids = torch.randint(0, store.n, (b,), generator=g)
     curr = 20 + 10 * torch.rand(b, generator=g)
     store.exchange(ids, curr, Momentum(0.9))
+
+
+def rp_exchange_global(ctx: dict[str, Any], seed: int, total: int) -> None:
+    """One step of a global batch that does not depend on the world size: `total`
+    seeded (id, score) pairs, cut into contiguous per-rank slices in rank order."""
+    store: ScoreStore = ctx["store"]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, store.n, (total,), generator=g)
+    curr = 20 + 10 * torch.rand(total, generator=g)
+    w, r = store.comm.world_size, store.comm.rank
+    a, b = total * r // w, total * (r + 1) // w
+    store.exchange(ids[a:b], curr[a:b], Momentum(0.9))
 
 
 def rp_try_exchange(ctx: dict[str, Any], batches: list[tuple[list[Any], list[float]]]

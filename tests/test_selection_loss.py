@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dissect_dist.loss import clip_loss, scale_for_mean_reduce
-from dissect_dist.selection import ScoredBatch, Selector, build_strategy
+from dissect_dist.selection import Ranking, ScoredBatch, Selector, build_strategy
+from store import ScoreStore
 
 pytestmark = pytest.mark.multirank
 
@@ -57,6 +58,24 @@ def test_ties_are_broken_randomly_not_by_id():
         keep = sel.select(ScoredBatch(torch.arange(100), torch.zeros(100), None, 0)).keep
         firsts.append(keep[:50].sum().item())
     assert 15 < sum(firsts) / 20 < 35  # about half the kept rows from the low ids
+
+
+@pytest.mark.parametrize("first_sight,first_key", [("zero", "-curr"), ("curr", "0")])
+def test_first_sight_sets_only_the_key_and_the_store_records_curr(first_sight, first_key):
+    """The reference ranks its first epoch by 0 - curr but stores hist := curr (not
+    0.1*curr); momentum starts from there at the second sighting."""
+    store = ScoreStore(10)
+    strat = build_strategy("dissect_momentum", store=store, beta=0.9, first_sight=first_sight)
+    ranking = Ranking("global", 1)
+    curr = torch.tensor([40.0, 20.0, 60.0])
+    sel = strat.keys(ScoredBatch(torch.tensor([1, 5, 7]), curr, None, 0), ranking)
+    want_key = -curr if first_key == "-curr" else torch.zeros(3)
+    assert torch.equal(sel.key, want_key)
+    assert store.values[[1, 5, 7]].float().tolist() == [40.0, 20.0, 60.0]
+    # Second sighting: δ = hist - curr against the recorded curr, then β-averaging.
+    sel = strat.keys(ScoredBatch(torch.tensor([1]), torch.tensor([50.0]), None, 1), ranking)
+    assert sel.key.tolist() == [40.0 - 50.0]
+    assert float(store.values[1]) == 0.9 * 40.0 + 0.1 * 50.0
 
 
 def _features(seed: int, n: int, d: int = 6):

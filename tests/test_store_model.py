@@ -3,6 +3,7 @@ store, run by W real rank processes, equals a one-process dictionary model."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import tempfile
@@ -25,8 +26,7 @@ from tests.store_model import (
 pytestmark = pytest.mark.multirank
 
 rules = st.one_of(
-    st.tuples(st.just("momentum"), st.sampled_from([0.0, 0.5, 0.9]),
-              st.sampled_from(["curr", "zero"])),
+    st.tuples(st.just("momentum"), st.sampled_from([0.0, 0.5, 0.9])),
     st.just(("overwrite",)),
     st.just(("frozen",)),
 )
@@ -34,8 +34,9 @@ scores = st.floats(0.0, 100.0, width=32, allow_nan=False)
 
 
 @st.composite
-def programs(draw: st.DrawFn, world_size: int) -> tuple[int, int, int, list]:
+def programs(draw: st.DrawFn, world_size: int) -> tuple[int, int, int, int, list, list]:
     n = draw(st.integers(1, 120))
+    seed = draw(st.sampled_from([0, 1, 2**40 + 7]))
     chunk = draw(st.sampled_from([1, 4, 16]))
     shard = chunk * draw(st.integers(1, 4))
     ops = []
@@ -50,7 +51,17 @@ def programs(draw: st.DrawFn, world_size: int) -> tuple[int, int, int, list]:
             ops.append(("exchange", batches, draw(rules)))
         else:
             ops.append(("save_load",))
-    return n, chunk, shard, ops
+    # One more global batch, run after the final snapshot is loaded at other world sizes.
+    tail_ids = draw(st.lists(st.integers(0, n - 1), max_size=24))
+    tail = [(i, draw(scores)) for i in tail_ids]
+    return n, chunk, shard, seed, ops, tail
+
+
+def _split(tail: list[tuple[int, float]], world_size: int) -> list[tuple[list, list]]:
+    """A global batch cut into world_size contiguous per-rank batches (global order kept)."""
+    cuts = [len(tail) * r // world_size for r in range(world_size + 1)]
+    return [([i for i, _ in tail[a:b]], [c for _, c in tail[a:b]])
+            for a, b in zip(cuts, cuts[1:])]
 
 
 def _nan_equal(a: list[float], b: list[float]) -> bool:
@@ -60,10 +71,10 @@ def _nan_equal(a: list[float], b: list[float]) -> bool:
 
 
 def _check_program(pools, world_size: int, program) -> None:
-    n, chunk, shard, ops = program
+    n, chunk, shard, seed, ops, tail = program
     pool = pools(world_size)
-    model = DictModel(n)
-    pool.run(rp_new_store, n, chunk, shard)
+    model = DictModel(n, seed)
+    pool.run(rp_new_store, n, chunk, shard, seed)
     step = itertools.count(1)
     with tempfile.TemporaryDirectory() as tmp:
         for op in ops:
@@ -78,13 +89,18 @@ def _check_program(pools, world_size: int, program) -> None:
                 pool.run(rp_save, tmp, s)
                 assert pool.run(rp_load, tmp, n, None, chunk, shard) == [s] * world_size
             assert same_bits(gather_dense(pool, n), model.dense())
-        # The last state also loads bit-exactly under every other world size.
+        # The last state also loads bit-exactly under every other world size, and goes
+        # on (exchange counter and seed restored) exactly as the uninterrupted model.
         s = next(step)
         pool.run(rp_save, tmp, s)
+        after = copy.deepcopy(model)
+        after.exchange(_split(tail, 1), ("momentum", 0.9))
         for other in (1, 2, 3):
             if other != world_size:
                 pools(other).run(rp_load, tmp, n, s, chunk, shard)
                 assert same_bits(gather_dense(pools(other), n), model.dense())
+                pools(other).run(rp_exchange, _split(tail, other), ("momentum", 0.9))
+                assert same_bits(gather_dense(pools(other), n), after.dense())
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -103,6 +119,6 @@ def test_model_semantics_for_duplicates_are_last_occurrence_wins() -> None:
     """The documented duplicate rule, pinned on a hand-written case."""
     m = DictModel(10)
     m.exchange([([3], [10.0]), ([3], [20.0])], ("overwrite",))
-    hist = m.exchange([([3, 3], [30.0, 40.0]), ([3], [50.0])], ("momentum", 0.5, "curr"))
+    hist = m.exchange([([3, 3], [30.0, 40.0]), ([3], [50.0])], ("momentum", 0.5))
     assert hist == [[20.0, 20.0], [20.0]]  # every occurrence sees the pre-step value
     assert float(m.h[3]) == np.float16(0.5 * 20.0 + 0.5 * 50.0)  # only the last one updates

@@ -16,6 +16,7 @@ from tests.rank_pool import free_port
 from tests.store_model import (
     gather_dense,
     rp_exchange,
+    rp_exchange_global,
     rp_exchange_random,
     rp_load,
     rp_new_store,
@@ -72,6 +73,31 @@ def test_save_at_three_ranks_loads_bit_exactly_at_two_and_one(pools, tmp_path) -
         assert same_bits(gather_dense(pools(w), n), want)
     single = ScoreStore.load(str(tmp_path), n=n)
     assert same_bits(single.local_numpy(), want)
+
+
+def _rp_counter(ctx) -> tuple[int, int]:
+    return ctx["store"].seed, ctx["store"].exchanges
+
+
+def test_resume_at_any_world_size_rounds_on_exactly_as_an_uninterrupted_store(pools,
+                                                                             tmp_path) -> None:
+    """Stochastic rounding draws from (seed, exchange counter, id): a store saved by 3
+    ranks and loaded by 2 or 1 continues bit for bit as the 3-rank store does."""
+    n = 20_011
+    pool3 = pools(3)
+    pool3.run(rp_new_store, n, 256, 1024, 42)
+    for step in range(5):
+        pool3.run(rp_exchange_global, step, 6000)
+    pool3.run(rp_save, str(tmp_path), 5)
+    for step in range(5, 10):
+        pool3.run(rp_exchange_global, step, 6000)
+    want = gather_dense(pool3, n)
+    for w in (3, 2, 1):
+        pools(w).run(rp_load, str(tmp_path), n, None, 256, 1024)
+        assert pools(w).run(_rp_counter) == [(42, 5)] * w
+        for step in range(5, 10):
+            pools(w).run(rp_exchange_global, step, 6000)
+        assert same_bits(gather_dense(pools(w), n), want)
 
 
 def test_torchrun_launched_ranks_save_and_reload_with_another_world(tmp_path) -> None:
