@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dissect_dist.selection import ScoredBatch, Selection, Selector, build_strategy
-from store import Momentum, ScoreStore, SingleProcess
+from store import ScoreStore, SingleProcess
 
 N = 64  # store size; the tests use ids [0, N)
 
@@ -111,11 +111,9 @@ def test_first_sight_zero_gives_delta_minus_curr_and_keeps_the_lowest_scores():
     assert out.key is not None
     np.testing.assert_array_equal(out.key.numpy(), -c1)
     assert set(np.flatnonzero(out.keep.numpy()).tolist()) == {0, 2, 4, 7}  # scores 5, 20, 0, 10
-    # The store's documented first-sight value (the rule applied to a NaN history) is
-    # what the second step ranks against, whatever that value is (the reference code's
-    # h := curr, or (1-β)·curr): asserted via the rule itself, not a copy of it.
-    recorded = Momentum(beta=beta, first_sight="zero").apply(
-        torch.full((8,), float("nan")), torch.tensor(c1, dtype=torch.float32)).double().numpy()
+    # The reference code ranks epoch 0 against its zero buffer but then stores h := curr
+    # (`hist = curr if epoch == 0`): the second step ranks against c1, not 0.1·c1.
+    recorded = c1
     c2 = np.full(8, 30.0)
     out2 = _select(sel, ids, c2)
     assert out2.hist is not None and out2.key is not None
