@@ -131,7 +131,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps; 0 = only at the end; -1 = at the end of every epoch
     log_every: int = 10
-    record_samples: bool = False  # write each step's ids and keep mask per rank (audits, tests)
+    # write each step's ids, keep mask and ranking key per rank (audits, tests)
+    record_samples: bool = False
     # Time each phase of the step; adds device syncs on GPU and a barrier before the
     # selection so that rank skew is booked as `wait`, not as exchange time.
     time_breakdown: bool = False
