@@ -49,6 +49,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "step": record["step"],
         "n": record["n"],
         "saved_world_size": record["layout"]["world_size"],
+        # what the stochastic rounding of later writes continues from
+        "rounding_seed": record.get("seed", 0), "exchanges": record.get("exchanges", 0),
         "layout": record["layout"],
         "committed_steps": [s for s, ok in steps if ok],
         "torn_steps": [s for s, ok in steps if not ok],

@@ -41,6 +41,7 @@ def test_inspect_reports_size_world_step_and_fraction(tmp_path: Path) -> None:
     assert (info["n"], info["step"], info["saved_world_size"]) == (1000, 2, 1)
     assert info["fraction_scored"] == 0.8 and info["committed_steps"] == [1, 2]
     assert info["quantiles"]["max"] == 55.0
+    assert (info["rounding_seed"], info["exchanges"]) == (0, 2)  # rounding resumes from here
 
 
 def test_export_top_fraction_by_score_and_by_delta(tmp_path: Path) -> None:
