@@ -3,9 +3,12 @@ bf16 through `deepspeed launch/train.py` for a fixed number of steps with `full`
 with `dissect_momentum` at r = 0.3 (twice: as the trainer runs it, and with the scoring
 pass through torch's MHA inference fast path, `model.mha_fastpath=enabled`, the setting
 the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the step-time
-split and peak GPU memory.
+split and peak GPU memory. With --runs, also `dissect_momentum+amp` (precision amp_bf16:
+fp32 weights, autocast training forward and scoring) and `dissect_momentum+reference`
+(amp_bf16 with the reference code's scoring: train mode, fp32, TF32).
 
     python benchmarks/gpu_smoke.py [--steps 30] [--batch-size 256] [--out DIR]
+    python benchmarks/gpu_smoke.py --runs full dissect_momentum dissect_momentum+reference
 
 Writes gpu_smoke.json into --out (default benchmarks/results). Needs one CUDA GPU.
 """
@@ -64,7 +67,8 @@ def build(root: Path, n: int, per_shard: int, size: int) -> str:
 
 def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
     """One launch; `label` is a strategy, optionally with `+fastpath` (the scoring pass
-    through torch's MHA inference fast path, which the trainer disables on CUDA)."""
+    through torch's MHA inference fast path, which the trainer disables on CUDA), `+amp`
+    (precision amp_bf16) or `+reference` (amp_bf16, selection.score_mode=reference)."""
     strategy, _, variant = label.partition("+")
     run_dir = out / f"run-{label}"
     with socket.socket() as s:
@@ -73,7 +77,9 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
     ds = str(Path(sys.executable).parent / "deepspeed")
     launcher = [ds] if Path(ds).exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd = [*launcher, "--num_gpus", "1", "--master_port", str(port),
-           str(REPO / "launch" / "train.py"), "model.name=ViT-B-32", "model.precision=bf16",
+           str(REPO / "launch" / "train.py"), "model.name=ViT-B-32",
+           f"model.precision={'amp_bf16' if variant in ('amp', 'reference') else 'bf16'}",
+           f"selection.score_mode={'reference' if variant == 'reference' else 'eval'}",
            f"data.train_manifest={manifest}", f"data.batch_size={a.batch_size}",
            f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
            f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
@@ -112,6 +118,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--runs", nargs="+", default=["full", "dissect_momentum",
+                                                 "dissect_momentum+fastpath"],
+                   help="labels: a strategy, optionally +fastpath, +amp or +reference")
     a = p.parse_args()
     import torch
 
@@ -123,7 +132,7 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
            "runs": [run(s, manifest, out, a) for s in
-                    ("full", "dissect_momentum", "dissect_momentum+fastpath")]}
+                    a.runs]}
     (out / "gpu_smoke.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
