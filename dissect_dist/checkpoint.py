@@ -515,13 +515,7 @@ def universal_dir(root: str, tag: str) -> str:
                    f"(exit {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
         else:
             _atomic_write(out / "DONE", b"ok\n")
-    errs = [None]
-    if dist.get_world_size() > 1:
-        errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
-    else:
-        errs = [err]
-    failed = [e for e in errs if e]
+    failed = [e for e in _gather(err) if e]
     if failed:
         raise RuntimeError(failed[0])
     return str(out)

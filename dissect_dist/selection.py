@@ -232,15 +232,18 @@ class Selector:
             return Selection(torch.ones(b, dtype=torch.bool, device=batch.ids.device), None)
         key = sel.key
         if self.scope == "global" and self.world_size > 1:
-            keys_all, counts = _gather_padded(
+            # Every rank's row count and count of non-finite keys come with the keys.
+            keys_all, counts, bad = _gather_padded(
                 key if key is not None else torch.zeros(b, device=batch.ids.device),
                 self.world_size, self.max_rows)
             offset = sum(counts[: self.rank])
         else:
             keys_all = key if key is not None else torch.zeros(b, device=batch.ids.device)
             counts, offset = [b], 0
-        if key is not None:
-            _refuse_nonfinite(key, keys_all, batch.ids, self.scope, self.world_size)
+            bad = [_nonfinite(key, self.scope, self.world_size)] if key is not None else [0]
+        if any(bad):
+            assert key is not None
+            _refuse_nonfinite(key, batch.ids)
         total = int(sum(counts))
         # One draw per ranked row, in the same order on every rank (global scope).
         rnd = torch.rand(total, generator=self.generator).to(keys_all.device)
@@ -266,22 +269,19 @@ class SelectionInputError(ValueError):
     """A non-finite ranking key: the scoring pass (or the per-sample loss) diverged."""
 
 
-def _refuse_nonfinite(key: torch.Tensor, ranked: torch.Tensor, ids: torch.Tensor,
-                      scope: Scope, world_size: int) -> None:
-    """Collective where the ranks must agree: raise on every rank if any rank's key is
-    NaN or infinite (a NaN would sort first and be kept), naming the sample id on the
-    rank that holds it. `ranked` is what this rank ranks: the all-gathered keys under
-    global scope (so every rank sees every bad key without another collective), its own
-    under local scope (then one all_reduce of a count tells the other ranks)."""
-    bad_here = ~torch.isfinite(key)
-    if scope == "global" or world_size == 1:
-        any_bad = not bool(torch.isfinite(ranked).all())  # CPU-GPU sync point
-    else:
-        n = bad_here.sum().reshape(1)
+def _nonfinite(key: torch.Tensor, scope: Scope, world_size: int) -> int:
+    """How many keys are NaN or infinite: this rank's, or under local scope with several
+    ranks every rank's (one all_reduce), so that all ranks agree to stop."""
+    n = (~torch.isfinite(key)).sum().reshape(1)
+    if scope == "local" and world_size > 1:
         dist.all_reduce(n)
-        any_bad = bool(n.item())  # CPU-GPU sync point (local scope only)
-    if not any_bad:
-        return
+    return int(n.item())  # CPU-GPU sync point (the global ranking folds it into its own)
+
+
+def _refuse_nonfinite(key: torch.Tensor, ids: torch.Tensor) -> None:
+    """Raise, on every rank once the ranks know some key is NaN or infinite (a NaN would
+    sort first and be kept), naming the sample id on the rank that holds it."""
+    bad_here = ~torch.isfinite(key)
     if bool(bad_here.any()):
         i = int(torch.nonzero(bad_here)[0])
         raise SelectionInputError(
@@ -294,28 +294,33 @@ def _refuse_nonfinite(key: torch.Tensor, ranked: torch.Tensor, ids: torch.Tensor
         "rank's error)")
 
 
-def _gather_padded(x: torch.Tensor, world_size: int,
-                   max_rows: int | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Concatenation of every rank's 1-D x (lengths may differ), rank order. With
-    max_rows, one all_gather of [count, x, padding] (float32 holds counts < 2**24
-    exactly); without, the counts are gathered first."""
+def _gather_padded(x: torch.Tensor, world_size: int, max_rows: int | None = None
+                   ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Concatenation of every rank's 1-D x (lengths may differ), rank order, with each
+    rank's length and count of non-finite values (one host sync for all three). With
+    max_rows, one all_gather of [count, non-finite, x, padding] (float32 holds counts
+    < 2**24 exactly); without, the two counts are gathered first."""
+    bad = (~torch.isfinite(x)).sum()
     if max_rows is not None:
         if x.numel() > max_rows:
             raise ValueError(f"{x.numel()} keys on rank {dist.get_rank()} exceed "
                              f"max_rows={max_rows} (the per-rank batch size)")
-        buf = torch.zeros(max_rows + 1, dtype=torch.float32, device=x.device)
+        buf = torch.zeros(max_rows + 2, dtype=torch.float32, device=x.device)
         buf[0] = x.numel()
-        buf[1:x.numel() + 1] = x.float()
+        buf[1] = bad
+        buf[2:x.numel() + 2] = x.float()
         bufs = [torch.empty_like(buf) for _ in range(world_size)]
         dist.all_gather(bufs, buf)
-        counts = [int(v) for v in torch.stack([b[0] for b in bufs]).tolist()]  # host sync
-        return torch.cat([bufs[r][1:counts[r] + 1] for r in range(world_size)]), counts
-    n = torch.tensor([x.numel()], device=x.device, dtype=torch.int64)
+        head = torch.stack([b[:2] for b in bufs]).long().tolist()  # CPU-GPU sync point
+        counts, bads = [h[0] for h in head], [h[1] for h in head]
+        return torch.cat([bufs[r][2:counts[r] + 2] for r in range(world_size)]), counts, bads
+    n = torch.stack([torch.tensor(x.numel(), device=x.device), bad.to(torch.int64)])
     ns = [torch.zeros_like(n) for _ in range(world_size)]
     dist.all_gather(ns, n)
-    counts = [int(v) for v in ns]  # CPU-GPU sync point
+    head = torch.stack(ns).tolist()  # CPU-GPU sync point
+    counts, bads = [h[0] for h in head], [h[1] for h in head]
     pad = x.new_zeros(max(counts))
     pad[: x.numel()] = x
     bufs = [torch.empty_like(pad) for _ in range(world_size)]
     dist.all_gather(bufs, pad)
-    return torch.cat([bufs[r][: counts[r]] for r in range(world_size)]), counts
+    return torch.cat([bufs[r][: counts[r]] for r in range(world_size)]), counts, bads

@@ -39,11 +39,11 @@ def test_clipscore_with_a_nan_score_used_to_keep_it():
     assert int(torch.argsort(key, descending=True, stable=True)[0]) == 1
 
 
-def _rp_nan_on_rank1(ctx, scope):
+def _rp_nan_on_rank1(ctx, scope, max_rows):
     import torch.distributed as dist
 
     rank, w = dist.get_rank(), dist.get_world_size()
-    sel = Selector(build_strategy("clipscore"), 0.5, scope, rank, w, seed=0, max_rows=8)
+    sel = Selector(build_strategy("clipscore"), 0.5, scope, rank, w, seed=0, max_rows=max_rows)
     ids = torch.arange(8) + 8 * rank
     curr = torch.linspace(0, 50, 8)
     if rank == 1:
@@ -61,9 +61,10 @@ def _rp_nan_on_rank1(ctx, scope):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("max_rows", [8, None])  # counts in the keys' buffer / gathered apart
 @pytest.mark.parametrize("scope", ["global", "local"])
-def test_every_rank_refuses_when_one_rank_has_a_nan(pools, scope):
-    (m0, t0), (m1, t1) = pools(2).run(_rp_nan_on_rank1, scope)
+def test_every_rank_refuses_when_one_rank_has_a_nan(pools, scope, max_rows):
+    (m0, t0), (m1, t1) = pools(2).run(_rp_nan_on_rank1, scope, max_rows)
     assert "sample id 13 is not finite" in m1  # rank 1's 6th sample: id 8 + 5
     assert "another rank" in m0
     assert t0 == t1 == 2.0
