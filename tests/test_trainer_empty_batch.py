@@ -40,3 +40,24 @@ def test_every_strategy_survives_a_rank_with_an_empty_batch(data, tmp_path, stra
     want = [1.0, 1.0] if strategy == "full" else [round(0.3 * 16) / 16, round(0.3 * 32) / 32]
     assert kept == pytest.approx(want)
     assert all(np.isfinite(m["loss"]) for m in train)
+
+
+# The GPU configs' paths on CPU ranks: DeepSpeed bf16 with ZeRO-2, and amp_bf16 (fp32
+# weights, autocast forward) with ZeRO-1 and the reference code's scoring (train mode,
+# outside autocast); the empty rank's dummy row and (0, d) features in those dtypes.
+@pytest.mark.parametrize("strategy,extra", [
+    ("small_loss", ["model.precision=bf16", "train.zero_stage=2"]),
+    ("dissect_momentum", ["model.precision=bf16", "train.zero_stage=2"]),
+    ("small_loss", ["model.precision=amp_bf16", "train.zero_stage=1",
+                    "selection.score_mode=reference"]),
+    ("dissect_momentum", ["model.precision=amp_bf16", "train.zero_stage=1",
+                          "selection.score_mode=reference"]),
+])
+def test_an_empty_rank_in_bf16_zero_and_amp_with_reference_scoring(data, tmp_path, strategy,
+                                                                    extra):
+    _run(_args(data, tmp_path, f"selection.strategy={strategy}", "train.max_steps=2",
+               "data.noise_ledger=null", "train.seed=0", *extra))
+    train = [m for m in _metrics(tmp_path) if m["kind"] == "train"]
+    assert [m["kept_fraction"] for m in train] == pytest.approx(
+        [round(0.3 * 16) / 16, round(0.3 * 32) / 32])
+    assert all(np.isfinite(m["loss"]) for m in train)
