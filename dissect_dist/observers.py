@@ -211,7 +211,7 @@ class NoiseDiagnostics(Observer):
             self._epoch_shadow = []
             if k.size:
                 vals["shadow_delta_auroc_clean_vs_noisy"] = auroc(k, ~noisy)
-        sums = self._score_sums.to(self.device)
+        sums = self._score_sums.to(self.device, copy=True)
         if self.world > 1:
             dist.all_reduce(sums)
         self._score_sums.zero_()
