@@ -203,3 +203,29 @@ def test_sample_record_is_on_disk_at_a_checkpoint_and_a_resume_rewrites_later_st
     again = SampleRecorder(tmp_path, 1, 3, Every(10))  # resumed at step 3
     again.close()
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steps_between_flushes_make_no_synchronizing_cuda_call(tmp_path: Path):
+    """The same on a GPU, by CUDA's own account: torch.cuda.set_sync_debug_mode("error")
+    raises on any synchronizing call, and the old per-step conversion is one."""
+    dev = "cuda:0"
+    noise = NoiseDiagnostics(NOISY, torch.device(dev), SingleProcess(), Every(100))
+    timer = StepTimer(False, torch.device(dev), 1)
+    log = TrainLog(MetricSink(str(tmp_path), rank=1), Every(100), torch.device(dev), 1, timer,
+                   noise)
+    rec_obs = SampleRecorder(tmp_path, 0, 0, Every(100))
+    recs = [_rec(s, np.arange(8) + s, keep=np.arange(8) % 3 == 0, key=SCORES[0][:8],
+                 curr=SCORES[0][:8], device=dev) for s in range(1, 6)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rec in recs:
+            for o in (noise, timer, log, rec_obs):
+                o.on_step(rec)
+        with pytest.raises(RuntimeError, match="synchronizing"):
+            recs[0].keep.cpu()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    rec_obs.close()
+    assert len((tmp_path / "samples-rank0.jsonl").read_text().splitlines()) == 5
