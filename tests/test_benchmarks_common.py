@@ -56,13 +56,15 @@ def test_write_json_is_atomic_and_strict_mode_refuses_nan(tmp_path: Path):
 def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name, tmp_path):
     reg = nc.REGIMES[name]
     base = load_config(str(reg.config), []).to_dict()
-    run = nc.grid(reg)[0][-1]  # a selection run (not full)
-    got = load_config(str(reg.config),
-                      nc.overrides(reg, run, tmp_path / "d", tmp_path / "r")).to_dict()
-    changed = {f"{s}.{k}" for s in base for k in base[s] if base[s][k] != got[s][k]}
-    assert changed <= {"data.train_manifest", "data.noise_ledger", "data.zeroshot_dir",
-                       "data.retrieval_manifest", "selection.strategy", "selection.ratio",
-                       "train.seed", "train.run_dir", "train.diagnose_scores"}
+    runs = [r for phase in nc.grid(reg) for r in phase]
+    for run in runs:  # full, selection and variant rows (whose extra keys are their own)
+        got = load_config(str(reg.config),
+                          nc.overrides(reg, run, tmp_path / "d", tmp_path / "r")).to_dict()
+        changed = {f"{s}.{k}" for s in base for k in base[s] if base[s][k] != got[s][k]}
+        assert changed <= {"data.train_manifest", "data.noise_ledger", "data.zeroshot_dir",
+                           "data.retrieval_manifest", "selection.strategy", "selection.ratio",
+                           "train.seed", "train.run_dir", "train.diagnose_scores",
+                           *dict(run.extra)}, run.key
     # the regime as the results file records it is the config's trainer settings
     assert (reg.model, reg.batch_per_rank, reg.epochs, reg.lr, reg.workers) == (
         got["model"]["name"], got["data"]["batch_size"], got["train"]["epochs"],
