@@ -19,15 +19,14 @@ import argparse
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/gpu_smoke.py
+    import common  # type: ignore[no-redef]
 
 
 def _shard(args: tuple[str, int, int, int]) -> tuple[str, int]:
@@ -71,39 +70,26 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
     (precision amp_bf16) or `+reference` (amp_bf16, selection.score_mode=reference)."""
     strategy, _, variant = label.partition("+")
     run_dir = out / f"run-{label}"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ds = str(Path(sys.executable).parent / "deepspeed")
-    launcher = [ds] if Path(ds).exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd = [*launcher, "--num_gpus", "1", "--master_port", str(port),
-           str(REPO / "launch" / "train.py"), "model.name=ViT-B-32",
-           f"model.precision={'amp_bf16' if variant in ('amp', 'reference') else 'bf16'}",
-           f"selection.score_mode={'reference' if variant == 'reference' else 'eval'}",
-           f"data.train_manifest={manifest}", f"data.batch_size={a.batch_size}",
-           f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
-           f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
-           f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
-           "train.epochs=100", "train.zero_stage=1",
-           f"model.mha_fastpath={'enabled' if variant == 'fastpath' else 'auto'}"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO),
-                       env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep
-                            + os.environ.get("PYTHONPATH", "")})
-    wall = time.perf_counter() - t0
-    (out / f"log-{label}.txt").write_text(r.stdout[-20000:] + r.stderr[-20000:])
-    if r.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    r = common.launch(
+        ["model.name=ViT-B-32",
+         f"model.precision={'amp_bf16' if variant in ('amp', 'reference') else 'bf16'}",
+         f"selection.score_mode={'reference' if variant == 'reference' else 'eval'}",
+         f"data.train_manifest={manifest}", f"data.batch_size={a.batch_size}",
+         f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
+         f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
+         f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
+         "train.epochs=100", "train.zero_stage=1",
+         f"model.mha_fastpath={'enabled' if variant == 'fastpath' else 'auto'}"],
+        what=label, ranks=1, log=out / f"log-{label}.txt", omp_threads=None)
+    rows = common.read_metrics(run_dir)
     train = [x for x in rows if x["kind"] == "train"]
-    steady = train[1:] or train  # the first window holds warm-up and compilation
-    keys = [k for k in steady[0] if k.startswith("time_")]
+    steady = common.steady_windows(rows)  # the first window holds warm-up and compilation
     return {
-        "strategy": label, "launch_wall_s": wall,
+        "strategy": label, "launch_wall_s": r.wall_s,
         "samples_per_s": sum(x["samples_per_s"] for x in steady) / len(steady),
         "trained_per_s": sum(x["trained_per_s"] for x in steady) / len(steady),
         "kept_fraction": steady[-1]["kept_fraction"],
-        "step_time_ms": {k[5:-3]: sum(x[k] for x in steady) / len(steady) for k in keys},
+        "step_time_ms": common.step_time_split(rows),
         "gpu_mem_peak_gib": max(x.get("gpu_mem_peak_gib", 0.0) for x in train),
         "final_loss": train[-1]["loss"],
     }
@@ -117,7 +103,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(common.RESULTS))
     p.add_argument("--runs", nargs="+", default=["full", "dissect_momentum",
                                                  "dissect_momentum+fastpath"],
                    help="labels: a strategy, optionally +fastpath, +amp or +reference")
@@ -129,11 +115,11 @@ def main() -> None:
     t0 = time.perf_counter()
     manifest = build(Path("/tmp/gpu-smoke-data"), a.samples, 1024, a.image_size)
     print(f"[gpu_smoke] {a.samples} synthetic pairs in {time.perf_counter() - t0:.1f}s", flush=True)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(a),
-           "runs": [run(s, manifest, out, a) for s in
-                    a.runs]}
-    (out / "gpu_smoke.json").write_text(json.dumps(res, indent=2))
+    machine = common.machine_info()
+    res = {"device": torch.cuda.get_device_name(0), "torch": machine["torch"],
+           "date": machine["date"], "machine": machine, "args": vars(a),
+           "runs": [run(s, manifest, out, a) for s in a.runs]}
+    common.write_json(out / "gpu_smoke.json", res)
     print(json.dumps(res, indent=2))
 
 

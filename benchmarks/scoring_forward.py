@@ -15,22 +15,22 @@ benchmarks/results/scoring_forward_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dissect_dist import model as modellib
+from dissect_dist.data.builders import FASHION_CLASSES, FASHION_TEMPLATES
+from dissect_dist.loss import clip_loss
 
-from dissect_dist import model as modellib  # noqa: E402
-from dissect_dist.data.builders import FASHION_CLASSES, FASHION_TEMPLATES  # noqa: E402
-from dissect_dist.loss import clip_loss  # noqa: E402
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/scoring_forward.py
+    import common  # type: ignore[no-redef]
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -131,10 +131,8 @@ def main() -> None:
     res = {"model": a.model, "batch": a.batch, "ratio": a.ratio, "threads": a.threads,
            "dtype": a.dtype, "device": dev, "torch": torch.__version__, "ms": ms,
            "ratio_to_full_fwd_bwd": ratios, "score_plus_train_kept_over_full": step / full}
-    out = Path(a.out) if a.out else (REPO / "benchmarks" / "results" /
-                                     f"scoring_forward_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = Path(a.out) if a.out else common.RESULTS / f"scoring_forward_{device.type}.json"
+    common.write_json(out, {**res, "machine": common.machine_info()}, indent=1)
     print(f"wrote {out}")
 
 

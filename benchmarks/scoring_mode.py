@@ -31,18 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from dissect_dist import model as modellib
+from dissect_dist.evaluate import EvalSet
+from dissect_dist.metrics import auroc
 
-from noisy_correspondence import REGIMES, Run, dataset, save_results, train  # noqa: E402
-
-from dissect_dist import model as modellib  # noqa: E402
-from dissect_dist.evaluate import EvalSet  # noqa: E402
-from dissect_dist.metrics import auroc  # noqa: E402
+if __package__:
+    from benchmarks import common
+    from benchmarks.nc_runner import REGIMES, Run, dataset, save_results, train
+else:  # run as a file: python benchmarks/scoring_mode.py
+    import common  # type: ignore[no-redef]
+    from nc_runner import REGIMES, Run, dataset, save_results, train  # type: ignore[no-redef]
 
 MODEL = "tiny-rn-64"
-OUT = REPO / "benchmarks" / "results" / "scoring_mode.json"
+OUT = common.RESULTS / "scoring_mode.json"
 
 
 def runs(seeds: tuple[int, ...]) -> list[Run]:
@@ -105,10 +106,9 @@ def report(res: dict[str, Any]) -> None:
     print("|---|---|---|---|---|---|")
     for r in res["runs"].values():
         d = [x for x in r["delta_auroc"] if x is not None]
-        kp = [x for x in r["kept_precision"] if x is not None]
         dd = " / ".join(f"{v:.2f}" for v in (d[0], d[len(d) // 2], d[-1])) if d else "-"
         print(f"| {r['label']} | {r['seed']} | {r['final']:.3f} / {r['best']:.3f} | {dd} | "
-              f"{np.mean(kp):.3f} | {r['wall_s']:.0f} |")
+              f"{common.mean_logged(r['kept_precision']):.3f} | {r['wall_s']:.0f} |")
     bd = res.get("batch_dependence")
     if bd:
         print(f"\nBatch dependence on the full run's final model ({bd['pairs']} pairs, "
@@ -127,7 +127,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--runs", type=Path, default=REPO / "runs" / "scoring_mode")
+    p.add_argument("--runs", type=Path, default=common.REPO / "runs" / "scoring_mode")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
@@ -141,7 +141,7 @@ def main() -> int:
         print(f"[scoring_mode] {run.key} {dict(run.extra)}", flush=True)
         res["runs"][run.key] = train(reg, run, data, a.runs)
         save_results(a.out, res)
-    full_dir = a.runs / runs(())[0].key.replace("/", "__")
+    full_dir = a.runs / runs(())[0].dir_name
     res["batch_dependence"] = batch_dependence(full_dir / "open_clip_model.pt", data,
                                                reg.batch_per_rank)
     save_results(a.out, res)

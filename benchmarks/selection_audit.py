@@ -8,7 +8,8 @@ strategy can lose to random selection on data with no noise at all.
         [--strategy random --strategy dissect_momentum] [--seed 0]
 
 Each strategy is one `deepspeed launch/train.py` run on 2 CPU ranks with the regime's
-settings from `noisy_correspondence.py` plus `train.record_samples=true`; the per-rank
+settings (its run config in launch/configs/, see nc_runner.py) plus
+`train.record_samples=true`; the per-rank
 step records (ids and keep masks) are read back and joined with the Fashion-MNIST labels.
 Writes benchmarks/results/selection_audit.json.
 """
@@ -17,19 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from dissect_dist.data.builders import FASHION_MNIST_DIR, _read_idx
 
-import noisy_correspondence as nc  # noqa: E402
+if __package__:
+    from benchmarks import common
+    from benchmarks import nc_runner as nc
+else:  # run as a file: python benchmarks/selection_audit.py
+    import common  # type: ignore[no-redef]
+    import nc_runner as nc  # type: ignore[no-redef]
 
-from dissect_dist.data.builders import FASHION_MNIST_DIR, _read_idx  # noqa: E402
+REPO = common.REPO
 
 
 def true_labels(reg: nc.Regime) -> np.ndarray:
@@ -97,7 +100,7 @@ def main() -> None:
     p.add_argument("--report", action="store_true",
                    help="only print the summary lines of the saved results")
     a = p.parse_args()
-    out = REPO / "benchmarks" / "results" / "selection_audit.json"
+    out = common.RESULTS / "selection_audit.json"
     if a.report:
         for strategy, x in json.loads(out.read_text())["runs"].items():
             print(summary_line(strategy, x))
@@ -115,9 +118,9 @@ def main() -> None:
         r = nc.train(reg, run, data, runs_root)
         res["runs"][strategy] = {
             "final_acc": r["final"], "best_acc": r["best"], "wall_s": r["wall_s"],
-            **audit(runs_root / run.key.replace("/", "__"), labels, reg.epochs)}
+            **audit(runs_root / run.dir_name, labels, reg.epochs)}
         print(summary_line(strategy, res["runs"][strategy]), flush=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    common.write_json(out, res, indent=1)
     print(f"wrote {out}")
 
 

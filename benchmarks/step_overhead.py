@@ -21,33 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/step_overhead.py
+    import common  # type: ignore[no-redef]
 
-from dissect_dist.launching import read_metrics, run_training  # noqa: E402
+REPO = common.REPO
 
 
 def run(strategy: str, manifest: str, model: str, batch: int, a: argparse.Namespace,
         out: Path) -> dict:
     run_dir = out / f"{model}-{batch}-{strategy}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-    r = run_training([f"model.name={model}", f"data.train_manifest={manifest}",
-                      f"data.batch_size={batch}", f"data.workers={a.workers}",
-                      f"selection.strategy={strategy}", "selection.ratio=0.3",
-                      f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
-                      "train.time_breakdown=true", f"train.run_dir={run_dir}"])
-    if r.returncode != 0:
-        raise SystemExit(f"{strategy} failed:\n{r.output[-3000:]}")
-    rows = read_metrics(run_dir)
-    steady = [x for x in rows if x["kind"] == "train"][1:]  # drop the warm-up window
-    split = {k[5:-3]: sum(x[k] for x in steady) / len(steady)
-             for k in steady[0] if k.startswith("time_")}
+    common.launch([f"model.name={model}", f"data.train_manifest={manifest}",
+                   f"data.batch_size={batch}", f"data.workers={a.workers}",
+                   f"selection.strategy={strategy}", "selection.ratio=0.3",
+                   f"train.max_steps={a.steps}", "train.epochs=100", "train.log_every=5",
+                   "train.time_breakdown=true", f"train.run_dir={run_dir}"],
+                  what=f"{model}:{batch} {strategy}", log=run_dir / "launch.log")
+    rows = common.read_metrics(run_dir)
+    split = common.step_time_split(rows)
+    steady = common.steady_windows(rows)
     return {"strategy": strategy, "model": model, "batch_per_rank": batch,
             "split_ms": split, "step_ms": sum(split.values()),
             "samples_per_s": sum(x["samples_per_s"] for x in steady) / len(steady)}
@@ -63,7 +61,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=0,
                    help="data workers per rank (default 0: see the module docstring)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step_overhead.json"))
+    p.add_argument("--out", default=str(common.RESULTS / "step_overhead.json"))
     a = p.parse_args()
     setups = [(m, int(b)) for m, b in (x.split(":") for x in
                                       (a.setup or ["tiny-vit-28:128", "small-vit-28:256"]))]
@@ -95,13 +93,14 @@ def main() -> None:
             "select_fraction_of_dissect_step": mean["dissect_momentum"]["select"] / dis_step,
             "wait_fraction_of_dissect_step": mean["dissect_momentum"]["wait"] / dis_step,
         })
+    machine = common.machine_info()
     res = {
         "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+        "date": machine["date"], "cpus": machine["cpus"], "machine": machine,
         "steps": a.steps, "repeats": a.repeats, "runs": runs, "setups": results,
     }
     path = Path(a.out)
-    path.write_text(json.dumps(res, indent=2))
+    common.write_json(path, res)
     for r in results:
         mean = r["mean_split_ms"]
         print(f"\n{r['model']}, per-rank batch {r['batch_per_rank']}\n"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from store import Momentum, ScoreStore, TorchDistributed
 
-from store import Momentum, ScoreStore, TorchDistributed  # noqa: E402
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/store_gpu.py
+    import common  # type: ignore[no-redef]
 
 REF_N = 10**6
 
@@ -57,21 +58,20 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[4096, 32768, 262144])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--save-sizes", type=float, nargs="+", default=[1e8, 1e9])
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(common.RESULTS))
     a = p.parse_args()
     dev = torch.device(a.device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{common.free_port()}", rank=0,
+                            world_size=1,
                             device_id=dev if dev.type == "cuda" else None)
     comm = TorchDistributed()
     g = torch.Generator().manual_seed(0)
+    machine = common.machine_info()
     info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "torch": machine["torch"], "date": machine["date"], "machine": machine,
             "command": "python benchmarks/store_gpu.py " + " ".join(sys.argv[1:])}
     print(json.dumps(info), flush=True)
     ref = ScoreStore(REF_N, comm, device=dev)
@@ -119,9 +119,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "store_gpu.json").write_text(json.dumps({**info, "rows": rows}, indent=2))
+    common.write_json(Path(a.out) / "store_gpu.json", {**info, "rows": rows})
     print("\n| N | device MiB added | floor MiB | exchange ms (B=" + ", ".join(map(str, a.batches))
           + ") | ÷ same on 1e6 store | save s | load s | bit-exact |")
     print("|---|---|---|---|---|---|---|---|")

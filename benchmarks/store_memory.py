@@ -28,8 +28,13 @@ import time
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/store_memory.py (and its rank processes)
+    import common  # type: ignore[no-redef]
+
+REPO = common.REPO
+RESULTS = common.RESULTS
 MiB = 1 << 20
 REF_N = 10**6  # the "small N" every exchange time is compared against
 
@@ -51,7 +56,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    sys.path.insert(0, str(REPO))
     from store import Momentum, ScoreStore, TorchDistributed
 
     torch.set_num_threads(1)
@@ -188,7 +192,7 @@ def run_config(n: int, w: int, args: argparse.Namespace) -> dict:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={w}",
-        f"--master_port={_free_port()}",
+        f"--master_port={common.free_port()}",
         __file__,
         "--worker",
         "--samples",
@@ -214,14 +218,6 @@ def run_config(n: int, w: int, args: argparse.Namespace) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     res["wall_s"] = time.perf_counter() - t0
     return summarise(res)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def summarise(res: dict) -> dict:
@@ -335,6 +331,7 @@ def main() -> None:
         "--disk-root", default=None, help="where snapshots are written (default: system temp)"
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reference", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--disk-dir", help=argparse.SUPPRESS)
@@ -344,6 +341,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.reference is not None:
+        print(json.dumps(reference_dict(args.reference)))
         return
     if args.quick:
         configs = [(10**6, 2), (10**7, 2)]
@@ -365,13 +365,9 @@ def main() -> None:
         )
     refs = []
     for n in ref_ns:
+        # a fresh process each, so one measurement's freed memory cannot hide another's
         out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                f"import json,sys; sys.path.insert(0,{str(REPO / 'benchmarks')!r}); "
-                f"import store_memory as m; print(json.dumps(m.reference_dict({n})))",
-            ],
+            [sys.executable, __file__, "--reference", str(n)],
             capture_output=True,
             text=True,
             check=True,
@@ -395,19 +391,13 @@ def main() -> None:
         "title": f"score store, {platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}",
         "command": " ".join(["python", "benchmarks/store_memory.py", *sys.argv[1:]]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-        },
+        "machine": common.machine_info(),
         "configs": rows,
         "reference": {"measured": refs, "bytes_per_sample": ref_per},
         "exchange_time_vs_1e6_same_run": flat,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "store_memory_quick" if args.quick else "store_memory"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    common.write_json(RESULTS / f"{stem}.json", result)
     plot(result, RESULTS / f"{stem}.png")
     print_table(result)
     print(f"\nwrote {RESULTS / (stem + '.json')} and .png")

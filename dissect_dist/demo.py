@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dissect_dist.launching import REPO, read_metrics, run_training
+from dissect_dist.launching import REPO, mean_logged, read_metrics, run_training
 
 STRATEGIES = ("full", "dissect_momentum", "random")
 
@@ -65,10 +65,6 @@ def train(strategy: str, data: Path, out: Path, a: argparse.Namespace) -> dict[s
     }
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / max(len(xs), 1)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +99,8 @@ def main() -> None:
         au = ", ".join(f"{r['delta_auroc'][e]:.2f}" for e in q
                        if r["delta_auroc"][e] is not None) or "–"
         print(f"| {r['strategy']} | {r['zeroshot_final']:.3f} / {r['zeroshot_best']:.3f} "
-              f"({r['best_epoch']}) | {_mean(kp[:half]):.3f} / {_mean(kp[half:]):.3f} | {au} "
+              f"({r['best_epoch']}) | {mean_logged(kp[:half]):.3f} / "
+              f"{mean_logged(kp[half:]):.3f} | {au} "
               f"| {r['samples_trained']} | {r['wall_s']:.0f} |")
     full = res[0]
     print("\nFull-data training, mean CLIPScore of clean / noisy pairs at epochs "

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,27 @@ class Launched:
     output: str
 
 
+def _launcher() -> list[str]:
+    """The `deepspeed` script next to this interpreter, or its module where the
+    environment installed no script."""
+    script = Path(sys.executable).parent / "deepspeed"
+    return [str(script)] if script.exists() else [sys.executable, "-m",
+                                                 "deepspeed.launcher.runner"]
+
+
 def run_training(overrides: list[str], *, ranks: int = 2, config: str | None = None,
-                 log: Path | None = None) -> Launched:
-    """`deepspeed --num_gpus RANKS launch/train.py [--config C] OVERRIDES` on this machine,
-    one intra-op thread per rank; the launcher's output goes to `log` when given."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
-           *(["--config", config] if config else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+                 log: Path | None = None, omp_threads: int | None = 1) -> Launched:
+    """`deepspeed --num_gpus RANKS launch/train.py [--config C] OVERRIDES` on this machine;
+    the launcher's output goes to `log` when given. `omp_threads` intra-op threads per rank
+    (1: the CPU ranks share the cores; None: keep the environment's, for GPU runs whose
+    host threads should not be capped)."""
+    cmd = [*_launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           str(REPO / "launch" / "train.py"), *(["--config", config] if config else []),
+           *overrides]
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True)
     out = Launched(r.returncode, time.perf_counter() - t0, r.stdout + r.stderr)
@@ -50,3 +64,13 @@ def run_training(overrides: list[str], *, ranks: int = 2, config: str | None = N
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean_logged(xs: Iterable[float | None]) -> float:
+    """Mean of a logged series over the windows where it was measured: None (not measured
+    in that window, e.g. no key before a strategy has one) is skipped; NaN when nothing was
+    measured at all."""
+    import numpy as np
+
+    v = [x for x in xs if x is not None]
+    return float(np.mean(v)) if v else float("nan")

@@ -4,6 +4,7 @@ plots, and skips finished runs when invoked again."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import nc_report
+from benchmarks import nc_runner as nc
+
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "noisy_correspondence.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
-import noisy_correspondence as nc  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -101,7 +103,7 @@ def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
     assert s["final"] == pytest.approx(0.1) and s["best"] == pytest.approx(0.2)
     assert s["best_epoch"] == 1.0 and [c["trained"] for c in s["curve"]] == [64 * spe,
                                                                               128 * spe]
-    stored = {**nc.dataclasses.asdict(run), "key": run.key, "wall_s": 1.0, **s}
-    table = nc.tables({"runs": {run.key: stored}}, "icons")
+    stored = {**dataclasses.asdict(run), "key": run.key, "wall_s": 1.0, **s}
+    table = nc_report.tables({"runs": {run.key: stored}}, "icons")
     assert "| strategy | seeds | final R@1 | best R@1 |" in table
     assert "| R@1 | 0.200 | 0.100 |" in table  # the diagnostic's metric row, epochs 1 and 2

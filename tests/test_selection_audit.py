@@ -5,17 +5,14 @@ Fashion-MNIST pair the builder wrote equals the class named in its clean caption
 from __future__ import annotations
 
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import selection_audit as sa  # noqa: E402
+from benchmarks import nc_runner as nc
+from benchmarks import selection_audit as sa
 
 
 def _record(path: Path, rows: list[tuple[int, list[int], list[bool]]]) -> None:
@@ -39,8 +36,6 @@ def test_audit_counts_kept_pairs_per_epoch(tmp_path: Path):
 
 
 def test_true_labels_match_clean_captions(tmp_path: Path):
-    import noisy_correspondence as nc
-
     from dissect_dist.data.builders import (
         FASHION_CLASSES,
         FASHION_MNIST_DIR,
