@@ -16,24 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def gather_kept(local: torch.Tensor, world_size: int) -> tuple[torch.Tensor, int]:
-    """All ranks' kept rows, rank order, with this rank's rows carrying gradient.
-    local: (k_r, d). Returns ((K, d), offset of this rank's rows)."""
-    if world_size == 1:
-        return local, 0
-    counts_t = torch.tensor([local.shape[0]], device=local.device, dtype=torch.int64)
-    all_counts = [torch.zeros_like(counts_t) for _ in range(world_size)]
-    dist.all_gather(all_counts, counts_t)
-    counts = [int(c) for c in all_counts]  # CPU-GPU sync point: one small one per step
-    k_max = max(counts)
-    padded = local.new_zeros((k_max, local.shape[1]))
-    padded[: local.shape[0]] = local.detach()
-    bufs = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(bufs, padded)
-    rank = dist.get_rank()
-    parts = [local if r == rank else bufs[r][: counts[r]] for r in range(world_size)]
-    return torch.cat(parts), sum(counts[:rank])
+from dissect_dist.gather import gather_rows
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -42,8 +25,8 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     L2-normalised. Returns the mean loss over the K global rows (identical value on
     every rank). With K == 0 everywhere the loss is 0 but still depends on the
     parameters, so backward and the gradient all-reduce still run."""
-    all_img, off = gather_kept(img, world_size)
-    all_txt, _ = gather_kept(txt, world_size)
+    all_img, _, _ = gather_rows(img, world_size)
+    all_txt, _, _ = gather_rows(txt, world_size)
     k = all_img.shape[0]
     if k == 0:
         return (img.sum() + txt.sum()) * 0.0 + logit_scale.sum() * 0.0
@@ -61,8 +44,9 @@ def per_sample_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Ten
     """(b,) symmetric InfoNCE of each local sample against the whole global batch
     (no gradient; for small_loss / big_loss selection)."""
     with torch.no_grad():
-        all_img, off = gather_kept(img, world_size)
-        all_txt, _ = gather_kept(txt, world_size)
+        all_img, counts, _ = gather_rows(img, world_size)
+        all_txt, _, _ = gather_rows(txt, world_size)
+        off = sum(counts[:dist.get_rank()]) if world_size > 1 else 0
         scale = logit_scale.exp().reshape(())
         b = img.shape[0]
         rows = torch.arange(off, off + b, device=img.device)

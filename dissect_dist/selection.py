@@ -1,34 +1,51 @@
 """Sample selection: one protocol, one registry, one ranking routine.
 
-A strategy turns a scored batch into one ranking key per sample (higher = keep);
-`Selector` ranks the keys over the global batch (or each rank's own batch) and
-returns this rank's keep mask. Ties (every key equal, e.g. first-sight δ = 0) are
-broken by a seeded random key from a generator that is checkpointed, so selection is
-deterministic and not biased toward low ids or low ranks.
+A strategy turns a scored batch into one ranking key per sample (higher = keep), or
+says RANDOM (a random r%) or KEEP_ALL; `Selector` ranks the keys over the global batch
+(or each rank's own batch) and returns this rank's keep mask. The Selector owns the
+score store that the history-keeping strategies read and update through `Ranking`.
+Ties (every key equal, e.g. first-sight δ = 0) are broken by a seeded random key from a
+generator that is checkpointed, so selection is deterministic and not biased toward low
+ids or low ranks.
 
     strategy          key                                       store rule
-    full              (no ranking: everything kept, r = 1)       -
-    random            uniform random                             -
+    full              KEEP_ALL (no ranking, r = 1)               -
+    random            RANDOM (uniform random)                    -
     clipscore         curr                                       -
     small_loss        -per-sample InfoNCE                        -
     big_loss          +per-sample InfoNCE                        -
     dissect_momentum  δ = hist - curr (new: 0 or -curr)          Momentum(β)
-    dissect_warmup    epoch < T_w: random (or full)              Overwrite
+    dissect_warmup    epoch < T_w: RANDOM (or KEEP_ALL)          Overwrite
                       then (hist - mean hist) - (curr - mean curr) Frozen
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 import torch
 import torch.distributed as dist
 
-from store import Frozen, Momentum, Overwrite, ScoreStore
+from dissect_dist.gather import gather_rows
+from store import Frozen, Momentum, Overwrite, ScoreStore, UpdateRule
 
 Scope = Literal["global", "local"]
+
+
+class NoKey(enum.Enum):
+    """What a strategy returns instead of keys when it does not rank."""
+
+    RANDOM = "random"  # a random r% of the ranked batch (the selector's seeded generator)
+    KEEP_ALL = "keep_all"  # every row, whatever r
+
+
+RANDOM: Final = NoKey.RANDOM
+KEEP_ALL: Final = NoKey.KEEP_ALL
+# (b,) ranking keys, higher = keep, or what to do without keys.
+Keys: TypeAlias = "torch.Tensor | Literal[NoKey.RANDOM, NoKey.KEEP_ALL]"
 
 
 @dataclasses.dataclass
@@ -42,15 +59,23 @@ class ScoredBatch:
 @dataclasses.dataclass
 class Selection:
     keep: torch.Tensor  # (b,) bool, this rank's rows to train on
-    key: torch.Tensor | None  # (b,) the ranking key (δ for dissect), for diagnostics
-    hist: torch.Tensor | None = None  # (b,) historical scores used, when any
+    key: torch.Tensor | None  # (b,) the ranking key (δ for dissect); None: random or keep-all
 
 
 class Ranking:
-    """What a strategy may ask of the ranking context: scope-aware means."""
+    """What a strategy may ask of the step: the score store's exchange (history) and
+    means over the ranked batch."""
 
-    def __init__(self, scope: Scope, world_size: int) -> None:
-        self.scope, self.world_size = scope, world_size
+    def __init__(self, scope: Scope, world_size: int, store: ScoreStore | None = None) -> None:
+        self.scope, self.world_size, self.store = scope, world_size, store
+
+    def exchange(self, ids: torch.Tensor, curr: torch.Tensor, rule: UpdateRule) -> torch.Tensor:
+        """Collective. (b,) historical scores of ids before this step (NaN: never scored);
+        the store applies `rule` with curr."""
+        if self.store is None:
+            raise ValueError("this strategy keeps a history of scores: give the Selector "
+                             "(or the Ranking) a ScoreStore")
+        return self.store.exchange(ids, curr, rule)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over the ranked batch: the global batch (collective) or this rank's."""
@@ -63,60 +88,53 @@ class Ranking:
 class Strategy(Protocol):
     needs_scores: bool  # does the step run the no-grad scoring pass?
     needs_loss: bool  # does it need the per-sample loss?
+    needs_store: bool  # does it keep a history in the score store?
 
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
-        """Per-sample keys (collective for store-backed strategies), or None = keep all."""
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
+        """(b,) keys, higher = keep (collective for store-backed strategies), or RANDOM or
+        KEEP_ALL."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
-
-
-class _Stateless:
+class _Defaults:
     needs_scores = False
     needs_loss = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        return None
+    needs_store = False
 
 
-class Full(_Stateless):
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
-        return None
+class Full(_Defaults):
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
+        return KEEP_ALL
 
 
-class RandomSel(_Stateless):
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+class RandomSel(_Defaults):
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         # Drawn from the selection generator in the same order on every rank (see
         # Selector), so this is "a random r% of the global batch".
-        return Selection(keep=torch.empty(0, dtype=torch.bool), key=None)
+        return RANDOM
 
 
-class ClipScoreSel(_Stateless):
+class ClipScoreSel(_Defaults):
     needs_scores = True
 
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         assert batch.curr is not None
-        return Selection(torch.empty(0, dtype=torch.bool), batch.curr)
+        return batch.curr
 
 
-class LossSel(_Stateless):
+class LossSel(_Defaults):
     needs_scores = True
     needs_loss = True
 
     def __init__(self, sign: float) -> None:
         self.sign = sign
 
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         assert batch.per_sample_loss is not None
-        return Selection(torch.empty(0, dtype=torch.bool), self.sign * batch.per_sample_loss)
+        return self.sign * batch.per_sample_loss
 
 
-class DissectMomentum(_Stateless):
+class DissectMomentum(_Defaults):
     """δ = hist - curr with temporal ensembling of hist (β); the store records
     hist := curr at a sample's first sighting and β-averages from then on.
 
@@ -130,45 +148,39 @@ class DissectMomentum(_Stateless):
     longer applies), where this project stores curr."""
 
     needs_scores = True
+    needs_store = True
 
-    def __init__(self, store: ScoreStore, beta: float, first_sight: Literal["curr", "zero"]):
+    def __init__(self, beta: float, first_sight: Literal["curr", "zero"]) -> None:
         if first_sight not in ("curr", "zero"):
             raise ValueError(f"first_sight={first_sight!r}: use 'curr' or 'zero'")
-        self.store, self.rule, self.first_sight = store, Momentum(beta=beta), first_sight
+        self.rule, self.first_sight = Momentum(beta=beta), first_sight
 
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection:
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         assert batch.curr is not None
-        hist = self.store.exchange(batch.ids, batch.curr, self.rule)  # pre-update values
+        hist = ranking.exchange(batch.ids, batch.curr, self.rule)  # pre-update values
         start = batch.curr if self.first_sight == "curr" else torch.zeros_like(batch.curr)
-        hist = torch.where(torch.isnan(hist), start, hist)
-        return Selection(torch.empty(0, dtype=torch.bool), hist - batch.curr, hist)
+        return torch.where(torch.isnan(hist), start, hist) - batch.curr
 
 
-class DissectWarmup(_Stateless):
+class DissectWarmup(_Defaults):
     """Warm-up for `warmup_epochs` epochs on a random r% (or everything) while recording
     hist := curr; then hist is frozen and δ = (hist - mean hist) - (curr - mean curr),
     means over the ranked batch. A sample with no recorded score uses hist := curr."""
 
     needs_scores = True
+    needs_store = True
 
-    def __init__(self, store: ScoreStore, warmup_epochs: int,
-                 warmup_train: Literal["random", "full"]) -> None:
-        self.store, self.warmup_epochs, self.warmup_train = store, warmup_epochs, warmup_train
+    def __init__(self, warmup_epochs: int, warmup_train: Literal["random", "full"]) -> None:
+        self.warmup_epochs, self.warmup_train = warmup_epochs, warmup_train
 
-    def in_warmup(self, epoch: int) -> bool:
-        return epoch < self.warmup_epochs
-
-    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Selection | None:
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         assert batch.curr is not None
-        if self.in_warmup(batch.epoch):
-            self.store.exchange(batch.ids, batch.curr, Overwrite())
-            if self.warmup_train == "full":
-                return None
-            return Selection(torch.empty(0, dtype=torch.bool), None)  # random r%
-        hist = self.store.exchange(batch.ids, batch.curr, Frozen())
+        if batch.epoch < self.warmup_epochs:
+            ranking.exchange(batch.ids, batch.curr, Overwrite())
+            return KEEP_ALL if self.warmup_train == "full" else RANDOM
+        hist = ranking.exchange(batch.ids, batch.curr, Frozen())
         hist = torch.where(torch.isnan(hist), batch.curr, hist)
-        delta = (hist - ranking.mean(hist)) - (batch.curr - ranking.mean(batch.curr))
-        return Selection(torch.empty(0, dtype=torch.bool), delta, hist)
+        return (hist - ranking.mean(hist)) - (batch.curr - ranking.mean(batch.curr))
 
 
 REGISTRY: dict[str, Callable[..., Strategy]] = {
@@ -177,10 +189,9 @@ REGISTRY: dict[str, Callable[..., Strategy]] = {
     "clipscore": lambda **kw: ClipScoreSel(),
     "small_loss": lambda **kw: LossSel(-1.0),
     "big_loss": lambda **kw: LossSel(+1.0),
-    "dissect_momentum": lambda store, beta, first_sight, **kw: DissectMomentum(
-        store, beta, first_sight),
-    "dissect_warmup": lambda store, warmup_epochs, warmup_train, **kw: DissectWarmup(
-        store, warmup_epochs, warmup_train),
+    "dissect_momentum": lambda beta, first_sight, **kw: DissectMomentum(beta, first_sight),
+    "dissect_warmup": lambda warmup_epochs, warmup_train, **kw: DissectWarmup(
+        warmup_epochs, warmup_train),
 }
 
 
@@ -191,7 +202,8 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 
 
 class Selector:
-    """Ranks a strategy's keys and returns the keep mask of this rank's rows.
+    """Ranks a strategy's keys and returns the keep mask of this rank's rows. Owns the
+    score store the strategy's history lives in (`store`; replace it to resume).
 
     global scope: k = round(r * B) over this step's global batch B = sum of the ranks'
     actual batch sizes b_r; every rank computes the identical top-k from all-gathered
@@ -209,12 +221,16 @@ class Selector:
     rank's keys and row count in one collective instead of two."""
 
     def __init__(self, strategy: Strategy, ratio: float, scope: Scope, rank: int,
-                 world_size: int, seed: int, max_rows: int | None = None) -> None:
+                 world_size: int, seed: int, max_rows: int | None = None,
+                 store: ScoreStore | None = None) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"selection.ratio={ratio}: need 0 < r <= 1")
         if scope not in ("global", "local"):
             raise ValueError(f"selection.scope={scope!r}: use 'global' or 'local'")
-        self.strategy, self.ratio, self.scope = strategy, ratio, scope
+        if strategy.needs_store and store is None:
+            raise ValueError(f"{type(strategy).__name__} keeps a history of scores: give "
+                             "the Selector a ScoreStore (store=...)")
+        self.strategy, self.ratio, self.scope, self.store = strategy, ratio, scope, store
         self.rank, self.world_size = rank, world_size
         if max_rows is not None and not 0 < max_rows < 2**24:
             raise ValueError(f"max_rows={max_rows}: need 0 < max_rows < 2**24")
@@ -225,25 +241,24 @@ class Selector:
             seed if scope == "global" else seed * 1_000_003 + rank)
 
     def select(self, batch: ScoredBatch) -> Selection:
-        ranking = Ranking(self.scope, self.world_size)
-        sel = self.strategy.keys(batch, ranking)
+        keys = self.strategy.keys(batch, Ranking(self.scope, self.world_size, self.store))
         b = batch.ids.shape[0]
-        if sel is None:
+        if keys is KEEP_ALL:
             return Selection(torch.ones(b, dtype=torch.bool, device=batch.ids.device), None)
-        key = sel.key
+        key = None if keys is RANDOM else keys
+        # RANDOM ranks zeros: only the row counts matter, and the draws below decide.
+        ranked = key if key is not None else torch.zeros(b, device=batch.ids.device)
         if self.scope == "global" and self.world_size > 1:
             # Every rank's row count and count of non-finite keys come with the keys.
-            keys_all, counts, bad = _gather_padded(
-                key if key is not None else torch.zeros(b, device=batch.ids.device),
-                self.world_size, self.max_rows)
+            keys_all, counts, bad = gather_rows(ranked, self.world_size,
+                                                max_rows=self.max_rows,
+                                                flag=(~torch.isfinite(ranked)).sum())
             offset = sum(counts[: self.rank])
         else:
-            keys_all = key if key is not None else torch.zeros(b, device=batch.ids.device)
-            counts, offset = [b], 0
+            keys_all, counts, offset = ranked, [b], 0
             bad = [_nonfinite(key, self.scope, self.world_size)] if key is not None else [0]
         if any(bad):
-            assert key is not None
-            _refuse_nonfinite(key, batch.ids)
+            _refuse_nonfinite(ranked, batch.ids)
         total = int(sum(counts))
         # One draw per ranked row, in the same order on every rank (global scope).
         rnd = torch.rand(total, generator=self.generator).to(keys_all.device)
@@ -254,15 +269,15 @@ class Selector:
         order = order[torch.argsort(primary[order], descending=True, stable=True)]
         keep_all = torch.zeros(total, dtype=torch.bool, device=keys_all.device)
         keep_all[order[:k]] = True
-        return Selection(keep_all[offset:offset + b], key, sel.hist)
+        return Selection(keep_all[offset:offset + b], key)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "strategy": self.strategy.state_dict(),
-                "ratio": self.ratio, "scope": self.scope}
+        """The generator only: the store is saved apart (checkpoint.save), and the
+        strategies keep no state of their own."""
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator.set_state(sd["generator"])
-        self.strategy.load_state_dict(sd["strategy"])
 
 
 class SelectionInputError(ValueError):
@@ -292,35 +307,3 @@ def _refuse_nonfinite(key: torch.Tensor, ids: torch.Tensor) -> None:
     raise SelectionInputError(
         "selection aborted: another rank's batch has a non-finite selection key (see that "
         "rank's error)")
-
-
-def _gather_padded(x: torch.Tensor, world_size: int, max_rows: int | None = None
-                   ) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Concatenation of every rank's 1-D x (lengths may differ), rank order, with each
-    rank's length and count of non-finite values (one host sync for all three). With
-    max_rows, one all_gather of [count, non-finite, x, padding] (float32 holds counts
-    < 2**24 exactly); without, the two counts are gathered first."""
-    bad = (~torch.isfinite(x)).sum()
-    if max_rows is not None:
-        if x.numel() > max_rows:
-            raise ValueError(f"{x.numel()} keys on rank {dist.get_rank()} exceed "
-                             f"max_rows={max_rows} (the per-rank batch size)")
-        buf = torch.zeros(max_rows + 2, dtype=torch.float32, device=x.device)
-        buf[0] = x.numel()
-        buf[1] = bad
-        buf[2:x.numel() + 2] = x.float()
-        bufs = [torch.empty_like(buf) for _ in range(world_size)]
-        dist.all_gather(bufs, buf)
-        head = torch.stack([b[:2] for b in bufs]).long().tolist()  # CPU-GPU sync point
-        counts, bads = [h[0] for h in head], [h[1] for h in head]
-        return torch.cat([bufs[r][2:counts[r] + 2] for r in range(world_size)]), counts, bads
-    n = torch.stack([torch.tensor(x.numel(), device=x.device), bad.to(torch.int64)])
-    ns = [torch.zeros_like(n) for _ in range(world_size)]
-    dist.all_gather(ns, n)
-    head = torch.stack(ns).tolist()  # CPU-GPU sync point
-    counts, bads = [h[0] for h in head], [h[1] for h in head]
-    pad = x.new_zeros(max(counts))
-    pad[: x.numel()] = x
-    bufs = [torch.empty_like(pad) for _ in range(world_size)]
-    dist.all_gather(bufs, pad)
-    return torch.cat([bufs[r][: counts[r]] for r in range(world_size)]), counts, bads

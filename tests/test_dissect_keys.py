@@ -1,5 +1,5 @@
-"""The DISSect keys in one process (a `ScoreStore` on `SingleProcess`, a world-1
-`Selector`): the sign of δ, the history it is computed from, first sight, the momentum
+"""The DISSect keys in one process (a `ScoreStore` on `SingleProcess`, owned by a
+world-1 `Selector`): the sign of δ, the history it is computed from, first sight, the momentum
 update, and dissect_warmup's random warm-up, frozen store and mean-centred key.
 
 Each test says which wrong implementation it catches: a random selector, a flipped
@@ -22,9 +22,9 @@ def _selector(strategy: str, ratio: float, *, seed: int = 0, beta: float = 0.9,
               first_sight: str = "curr", warmup_epochs: int = 1,
               warmup_train: str = "random") -> tuple[ScoreStore, Selector]:
     store = ScoreStore(N, SingleProcess())
-    strat = build_strategy(strategy, store=store, beta=beta, first_sight=first_sight,
+    strat = build_strategy(strategy, beta=beta, first_sight=first_sight,
                            warmup_epochs=warmup_epochs, warmup_train=warmup_train)
-    return store, Selector(strat, ratio, "global", rank=0, world_size=1, seed=seed)
+    return store, Selector(strat, ratio, "global", rank=0, world_size=1, seed=seed, store=store)
 
 
 def _select(sel: Selector, ids: list[int] | np.ndarray, curr: list[float] | np.ndarray,
@@ -69,24 +69,23 @@ def test_momentum_keeps_the_pairs_whose_score_fell_most():
 
 def test_momentum_ranks_by_the_history_before_this_steps_update():
     # Catches: δ computed from the store after this step's update (β·h + (1-β)·c): that
-    # gives key = β·(h - c) and hist = the blend; and a store that is not updated at all
-    # (third step would see the first step's scores).
+    # gives key = β·(h - c); and a store that is not updated at all (third step would
+    # see the first step's scores).
     beta = 0.9
     ids = np.arange(6)
     c1 = np.array([40.0, 20.0, 60.0, 10.0, 30.0, 50.0])
     c2 = np.array([10.0, 50.0, 20.0, 40.0, 30.0, 60.0])
     c3 = np.array([30.0, 30.0, 30.0, 30.0, 30.0, 30.0])
-    _, sel = _selector("dissect_momentum", 0.5, beta=beta)
+    store, sel = _selector("dissect_momentum", 0.5, beta=beta)
     _select(sel, ids, c1)
     out2 = _select(sel, ids, c2)
-    assert out2.hist is not None and out2.key is not None
-    np.testing.assert_array_equal(out2.hist.numpy(), c1)  # the first step's curr, not a blend
-    np.testing.assert_array_equal(out2.key.numpy(), c1 - c2)
+    assert out2.key is not None
+    np.testing.assert_array_equal(out2.key.numpy(), c1 - c2)  # the first step's curr
+    h = _stored(store, ids)  # after the second step: the blend
+    _assert_written(h, beta * c1 + (1 - beta) * c2)
     out3 = _select(sel, ids, c3)
-    blend = beta * c1 + (1 - beta) * c2  # what the store holds after the second step
-    assert out3.hist is not None and out3.key is not None
-    _assert_written(out3.hist.numpy(), blend)
-    np.testing.assert_allclose(out3.key.numpy(), out3.hist.numpy() - c3, rtol=0, atol=1e-5)
+    assert out3.key is not None
+    np.testing.assert_allclose(out3.key.numpy(), h - c3, rtol=0, atol=1e-5)
 
 
 def test_first_sight_curr_gives_delta_zero():
@@ -116,9 +115,8 @@ def test_first_sight_zero_gives_delta_minus_curr_and_keeps_the_lowest_scores():
     recorded = c1
     c2 = np.full(8, 30.0)
     out2 = _select(sel, ids, c2)
-    assert out2.hist is not None and out2.key is not None
-    _assert_written(out2.hist.numpy(), recorded)
-    np.testing.assert_allclose(out2.key.numpy(), out2.hist.numpy() - c2, rtol=0, atol=1e-5)
+    assert out2.key is not None
+    np.testing.assert_allclose(out2.key.numpy(), recorded - c2, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.9, 0.5])
@@ -136,8 +134,8 @@ def test_momentum_update_weights_later_scores_by_one_minus_beta(beta):
     for c in scores[1:]:
         out = _select(sel, ids, c)
         kept_ever |= out.keep.numpy()
-        assert out.hist is not None
-        np.testing.assert_array_equal(out.hist.numpy(), h)  # the value stored last step
+        assert out.key is not None  # δ against the value stored last step
+        np.testing.assert_allclose(out.key.numpy(), h - c, rtol=0, atol=1e-4)
         want = beta * h + (1 - beta) * c  # from the stored (fp16) value: one rounding
         h = _stored(store, ids)
         _assert_written(h, want)
@@ -195,8 +193,9 @@ def test_after_warmup_the_store_is_frozen():
     before = store.local_numpy().copy()
     for c in (C, C + 20.0, np.zeros(8)):
         out = _select(sel, np.arange(8), c, epoch=1)
-        assert out.hist is not None
-        np.testing.assert_array_equal(out.hist.numpy(), H)  # always the warm-up's scores
+        assert out.key is not None  # always against the warm-up's scores
+        np.testing.assert_allclose(out.key.numpy(), (H - H.mean()) - (c - c.mean()),
+                                   rtol=0, atol=1e-4)
     np.testing.assert_array_equal(store.local_numpy().view(np.uint16), before.view(np.uint16))
 
 

@@ -65,16 +65,16 @@ def test_first_sight_sets_only_the_key_and_the_store_records_curr(first_sight, f
     """The reference ranks its first epoch by 0 - curr but stores hist := curr (not
     0.1*curr); momentum starts from there at the second sighting."""
     store = ScoreStore(10)
-    strat = build_strategy("dissect_momentum", store=store, beta=0.9, first_sight=first_sight)
-    ranking = Ranking("global", 1)
+    strat = build_strategy("dissect_momentum", beta=0.9, first_sight=first_sight)
+    ranking = Ranking("global", 1, store)
     curr = torch.tensor([40.0, 20.0, 60.0])
-    sel = strat.keys(ScoredBatch(torch.tensor([1, 5, 7]), curr, None, 0), ranking)
+    key = strat.keys(ScoredBatch(torch.tensor([1, 5, 7]), curr, None, 0), ranking)
     want_key = -curr if first_key == "-curr" else torch.zeros(3)
-    assert torch.equal(sel.key, want_key)
+    assert isinstance(key, torch.Tensor) and torch.equal(key, want_key)
     assert store.values[[1, 5, 7]].float().tolist() == [40.0, 20.0, 60.0]
     # Second sighting: δ = hist - curr against the recorded curr, then β-averaging.
-    sel = strat.keys(ScoredBatch(torch.tensor([1]), torch.tensor([50.0]), None, 1), ranking)
-    assert sel.key.tolist() == [40.0 - 50.0]
+    key = strat.keys(ScoredBatch(torch.tensor([1]), torch.tensor([50.0]), None, 1), ranking)
+    assert isinstance(key, torch.Tensor) and key.tolist() == [40.0 - 50.0]
     assert float(store.values[1]) == 0.9 * 40.0 + 0.1 * 50.0
 
 

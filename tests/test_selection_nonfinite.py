@@ -20,9 +20,9 @@ def _scored(ids: torch.Tensor, curr: torch.Tensor) -> ScoredBatch:
                                       "dissect_momentum", "dissect_warmup"])
 def test_non_finite_score_is_refused_naming_the_sample(strategy, bad):
     store = ScoreStore(100)
-    sel = Selector(build_strategy(strategy, store=store, beta=0.9, first_sight="curr",
-                                  warmup_epochs=1, warmup_train="random"),
-                   0.5, "global", 0, 1, seed=0)
+    sel = Selector(build_strategy(strategy, beta=0.9, first_sight="curr", warmup_epochs=1,
+                                  warmup_train="random"),
+                   0.5, "global", 0, 1, seed=0, store=store)
     ids = torch.arange(40, 50)
     curr = torch.linspace(10, 30, 10)
     sel.select(_scored(ids, curr))  # a finite step first (history for dissect)
