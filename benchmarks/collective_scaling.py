@@ -90,9 +90,7 @@ def _rank(rank: int, world: int, port: int, b: int, n: int, steps: int, q: Any) 
     comm = _Counting(TorchDistributed())
     store = ScoreStore(n, comm, seed=0)
     rule = Momentum(beta=0.9)
-    selector = Selector(build_strategy("clipscore", store=None, beta=0.9, first_sight="zero",
-                                       warmup_epochs=0, warmup_train="random"),
-                        0.3, "global", rank, world, 0, max_rows=b)
+    selector = Selector(build_strategy("clipscore"), 0.3, "global", rank, world, 0, max_rows=b)
     g = torch.Generator().manual_seed(rank)
     times: dict[str, list[float]] = {"exchange": [], "ranking": []}
     for step in range(steps + 5):
