@@ -140,8 +140,17 @@ class TrainConfig:
     # CLIPScore of clean and of noisy pairs (needs data.noise_ledger): the memorisation
     # diagnostic. Costs one no-grad forward per step for full/random.
     diagnose_scores: bool = False
+    # How long a rank waits in one collective (all-reduce, all-gather, barrier) before it
+    # gives up: a lost host or a cut network then ends the run with one line naming the
+    # lost ranks and the last committed checkpoint (exit 4), instead of hanging for torch's
+    # 30 minutes. It must exceed the longest time one rank can keep the others waiting:
+    # rank 0's evaluation on the retrieval set, and the one-off conversion of a ZeRO
+    # checkpoint to the universal format when a run resumes at another world size.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _check(self.collective_timeout_s >= 5, "train.collective_timeout_s",
+               f"{self.collective_timeout_s}: need >= 5 (seconds one collective may wait)")
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs}: need >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "need >= 1")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
