@@ -25,9 +25,7 @@ writes benchmarks/results/collective_scaling.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,13 +34,12 @@ from typing import Any
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "results" / "collective_scaling.json"
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/collective_scaling.py
+    import common  # type: ignore[no-redef]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+OUT = common.RESULTS / "collective_scaling.json"
 
 
 class _Counting:
@@ -127,7 +124,7 @@ def measure(world: int, b: int, n: int, steps: int) -> dict[str, Any]:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = common.free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, b, n, steps, q))
              for r in range(world)]
     for p in procs:
@@ -185,9 +182,9 @@ def main() -> int:
               "received", flush=True)
         rows.append(r)
     fits = {k: _fit(rows, f"{k}_ms") for k in ("exchange", "ranking")} if len(rows) > 1 else {}
-    out: dict[str, Any] = {"measured": rows, "machine": f"{os.cpu_count()} cores, gloo over "
-                           "loopback, one process per rank", "fit_seconds_c0_c1": fits,
-                           "model": []}
+    out: dict[str, Any] = {"measured": rows, "machine": common.machine_info(),
+                           "transport": "gloo over loopback, one process per rank",
+                           "fit_seconds_c0_c1": fits, "model": []}
     # (a) this machine's per-peer cost, its loopback bandwidth taken as unlimited;
     # (b) datacenter: 3 collectives x ~10 us per peer step (exchange) and 1 (ranking) on a
     # 200 Gb/s link (25 GB/s).
@@ -211,8 +208,7 @@ def main() -> int:
               + " ".join(f"{c:>28}" for c in cells))
     for w in (8, 64, 512):
         out.setdefault("store_mib_per_rank_1e9", {})[w] = 2 * 10**9 / w / 2**20
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    common.write_json(Path(a.out), out)
     print(f"wrote {a.out}")
     return 0
 
