@@ -1,8 +1,8 @@
 """GPU smoke test of the real trainer: builds synthetic shards, then trains ViT-B-32 in
 bf16 through `deepspeed launch/train.py` for a fixed number of steps with `full` and
 with `dissect_momentum` at r = 0.3 (twice: as the trainer runs it, and with the scoring
-pass through torch's MHA inference fast path, `model.mha_fastpath=enabled`, the setting
-the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the step-time
+pass through torch's MHA inference fast path, `model.attention=stock
+model.mha_fastpath=enabled`, the setting the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the step-time
 split and peak GPU memory. With --runs, also `dissect_momentum+amp` (precision amp_bf16:
 fp32 weights, autocast training forward and scoring) and `dissect_momentum+reference`
 (amp_bf16 with the reference code's scoring: train mode, fp32, TF32).
@@ -85,7 +85,9 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
            f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
            f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
            "train.epochs=100", "train.zero_stage=1",
-           f"model.mha_fastpath={'enabled' if variant == 'fastpath' else 'auto'}"]
+           # the fast path exists only in stock attention (nn.MultiheadAttention)
+           *(["model.attention=stock", "model.mha_fastpath=enabled"]
+             if variant == "fastpath" else [])]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO),
                        env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep

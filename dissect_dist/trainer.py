@@ -49,7 +49,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = str(self.run_dir / "checkpoints")
         self.model, pre_train, self.pre_eval, self.tokenizer = modellib.create(
-            cfg.model.name, cfg.model.pretrained)
+            cfg.model.name, cfg.model.pretrained, attention=cfg.model.attention)
         self.manifest = Manifest.load(cfg.data.train_manifest)
         self.loader = WebDatasetLoader(
             self.manifest, rank=self.rank, world_size=self.world,
@@ -85,6 +85,9 @@ class Trainer:
         if cfg.selection.score_mode == "reference" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference code sets it
         self.noisy = self._ledger()
+        self._score = modellib.Scorer(mode=cfg.selection.score_mode,
+                                      autocast_dtype=self.autocast_dtype,
+                                      compiled=cfg.selection.compile_scoring, device=self.device)
         self.sink = MetricSink(str(self.run_dir), self.rank)
         self.step = 0
         self.trained_total = 0  # kept rows trained on, all ranks, whole run
@@ -151,8 +154,7 @@ class Trainer:
             mode = self.cfg.selection.score_mode
             # An empty batch still yields (0, d) features: the per-sample loss gathers
             # (k, d) from every rank.
-            fi, ft = modellib.score_features(self.engine, *((images, texts) if b else self._dummy),
-                                             mode=mode, autocast_dtype=self.autocast_dtype)
+            fi, ft = self._score(self.engine, *((images, texts) if b else self._dummy))
             fi, ft = (fi, ft) if b else (fi[:0], ft[:0])
             curr = modellib.clipscore(fi, ft, cosine=mode == "reference")
             if strat.needs_loss:
