@@ -31,13 +31,14 @@ class Launched:
 
 
 def run_training(overrides: list[str], *, ranks: int = 2, config: str | None = None,
-                 log: Path | None = None) -> Launched:
+                 log: Path | None = None, threads: int = 1) -> Launched:
     """`deepspeed --num_gpus RANKS launch/train.py [--config C] OVERRIDES` on this machine,
-    one intra-op thread per rank; the launcher's output goes to `log` when given."""
+    `threads` intra-op threads per rank (OMP_NUM_THREADS); the launcher's output goes to
+    `log` when given."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
            *(["--config", config] if config else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True)
     out = Launched(r.returncode, time.perf_counter() - t0, r.stdout + r.stderr)

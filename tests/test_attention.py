@@ -160,3 +160,30 @@ def test_mha_fastpath_is_a_stock_attention_setting(tmp_path) -> None:
     cfg = load_config(None, [*base, "model.attention=stock", "model.mha_fastpath=enabled"])
     assert cfg.model.attention == "stock"
     assert load_config(None, base).model.attention == "sdpa"
+
+
+def test_compiled_scoring_equals_eager_and_training_forwards_do_not_recompile_it() -> None:
+    """selection.compile_scoring: the scoring pass is its own compiled function; the
+    training forward's changing row count runs eagerly and adds no graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net, _, _, tok = modellib.create("tiny-vit-32")
+    images = torch.randn(6, 3, 32, 32)
+    texts = tok(["a sandal", "a bag", "an ankle boot", "", "a coat", "a dress"])
+    eager = modellib.Scorer(mode="eval", autocast_dtype=None)(net, images, texts)
+    scorer = modellib.Scorer(mode="eval", autocast_dtype=None, compiled=True)
+    before = counters["stats"]["unique_graphs"]
+    compiled = scorer(net, images, texts)
+    after_first = counters["stats"]["unique_graphs"]
+    assert after_first == before + 1
+    for got, want in zip(compiled, eager):
+        _close(got, want, "compiled scoring features")
+    assert net.training  # the scorer leaves the model in train mode
+    for rows in (2, 5, 3):  # the training forward: a different kept count every step
+        keep = torch.zeros(6, dtype=torch.bool)
+        keep[:rows] = True
+        fi, ft = modellib.encode_kept(net, images, texts, keep, (images[:1], texts[:1]))
+        (fi * ft).sum().backward()
+        scorer(net, images, texts)
+    assert counters["stats"]["unique_graphs"] == after_first
