@@ -1,11 +1,12 @@
 """GPU smoke test of the real trainer: builds synthetic shards, then trains ViT-B-32 in
 bf16 through `deepspeed launch/train.py` for a fixed number of steps with `full` and
-with `dissect_momentum` at r = 0.3 (twice: as the trainer runs it, and with the scoring
-pass through torch's MHA inference fast path, `model.mha_fastpath=enabled`, the setting
-the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the step-time
-split and peak GPU memory. With --runs, also `dissect_momentum+amp` (precision amp_bf16:
-fp32 weights, autocast training forward and scoring) and `dissect_momentum+reference`
-(amp_bf16 with the reference code's scoring: train mode, fp32, TF32).
+with `dissect_momentum` at r = 0.3 (twice: as the trainer runs it, with SDPA attention, and
+with open_clip's stock attention through torch's MHA inference fast path, `+fastpath`, the
+setting the H200 numbers of 2026-11-26 were measured with), and prints samples/s, the
+step-time split and peak GPU memory. With --runs, also `+stock` (stock attention, fast
+path off), `+compile` (the scoring pass compiled), `+amp` (precision amp_bf16: fp32
+weights, autocast training forward and scoring) and `+reference` (amp_bf16 with the
+reference code's scoring: train mode, fp32, TF32).
 
     python benchmarks/gpu_smoke.py [--steps 30] [--batch-size 256] [--out DIR]
     python benchmarks/gpu_smoke.py --runs full dissect_momentum dissect_momentum+reference
@@ -64,10 +65,19 @@ def build(root: Path, n: int, per_shard: int, size: int) -> str:
     return str(root / "manifest.json")
 
 
+# Overrides per variant (besides precision and score mode): open_clip's stock attention
+# (nn.MultiheadAttention) with and without torch's inference fast path, which exists only
+# there; the scoring pass compiled (torch.compile, its own graph).
+VARIANTS = {"stock": ["model.attention=stock"],
+            "fastpath": ["model.attention=stock", "model.mha_fastpath=enabled"],
+            "compile": ["selection.compile_scoring=true"]}
+
+
 def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
-    """One launch; `label` is a strategy, optionally with `+fastpath` (the scoring pass
-    through torch's MHA inference fast path, which the trainer disables on CUDA), `+amp`
-    (precision amp_bf16) or `+reference` (amp_bf16, selection.score_mode=reference)."""
+    """One launch; `label` is a strategy, optionally with `+stock` (open_clip's own
+    attention instead of SDPA), `+fastpath` (stock attention through torch's MHA inference
+    fast path), `+compile` (compiled scoring pass), `+amp` (precision amp_bf16) or
+    `+reference` (amp_bf16, selection.score_mode=reference)."""
     strategy, _, variant = label.partition("+")
     run_dir = out / f"run-{label}"
     r = common.launch(
@@ -78,8 +88,7 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
          f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
          f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
          f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
-         "train.epochs=100", "train.zero_stage=1",
-         f"model.mha_fastpath={'enabled' if variant == 'fastpath' else 'auto'}"],
+         "train.epochs=100", "train.zero_stage=1", *VARIANTS.get(variant, [])],
         what=label, ranks=1, log=out / f"log-{label}.txt", omp_threads=None)
     rows = common.read_metrics(run_dir)
     train = [x for x in rows if x["kind"] == "train"]
@@ -106,7 +115,8 @@ def main() -> None:
     p.add_argument("--out", default=str(common.RESULTS))
     p.add_argument("--runs", nargs="+", default=["full", "dissect_momentum",
                                                  "dissect_momentum+fastpath"],
-                   help="labels: a strategy, optionally +fastpath, +amp or +reference")
+                   help="labels: a strategy, optionally +stock, +fastpath, +compile, +amp or "
+                   "+reference")
     a = p.parse_args()
     import torch
 

@@ -6,8 +6,10 @@ step-time target of `step_overhead.py` (score B rows without gradient + train on
     python benchmarks/scoring_forward.py [--model small-vit-28] [--batch 256] [--threads 1]
 
 Times (median of --iters after --warmup) for each variant of the scoring forward the
-trainer could use (eval or train mode; `no_grad` or `inference_mode`), each tower alone,
-and the training forward + backward of the whole batch and of r*B rows. Inputs are random
+trainer could use (eval or train mode; `no_grad` or `inference_mode`; SDPA attention, the
+default, or open_clip's stock attention with and without MHA's fast path; compiled, with
+the first call's compile time reported apart), each tower alone, and the training
+forward + backward of the whole batch and of r*B rows. Inputs are random
 images and real tokenised captions; nothing here depends on the data. Writes
 benchmarks/results/scoring_forward_<device>.json.
 """
@@ -15,6 +17,7 @@ benchmarks/results/scoring_forward_<device>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dissect_dist import model as modellib
+from dissect_dist.attention import use_sdpa
 from dissect_dist.data.builders import FASHION_CLASSES, FASHION_TEMPLATES
 from dissect_dist.loss import clip_loss
 
@@ -64,8 +68,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    model, _, _, tokenizer = modellib.create(a.model)
-    model = model.to(device, dtype)
+    stock, _, _, tokenizer = modellib.create(a.model, attention="stock")
+    stock = stock.to(device, dtype)
+    model = copy.deepcopy(stock)  # the same weights, attention="sdpa" (the trainer's default)
+    use_sdpa(model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     images = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
@@ -73,27 +79,36 @@ def main() -> None:
         FASHION_CLASSES[i % len(FASHION_CLASSES)]) for i in range(a.batch)]).to(device)
     k = max(1, round(a.ratio * a.batch))
 
-    def train(n: int) -> Callable[[], None]:
+    def train(n: int, net: torch.nn.Module = model) -> Callable[[], None]:
         def fn() -> None:
-            model.train()
-            img, txt = modellib.encode(model, images[:n], texts[:n])
-            clip_loss(img, txt, model.logit_scale, 1).backward()
-            model.zero_grad(set_to_none=True)
+            net.train()
+            img, txt = modellib.encode(net, images[:n], texts[:n])
+            clip_loss(img, txt, net.logit_scale, 1).backward()
+            net.zero_grad(set_to_none=True)
         return fn
 
     trainer_fast = device.type != "cuda"  # the trainer's MHA fast path (mha_fastpath=auto)
 
     def score(mode: str, ctx: Callable[[], object], part: str = "both",
-              fastpath: bool = trainer_fast) -> Callable[[], None]:
+              fastpath: bool = trainer_fast, net: torch.nn.Module = model
+              ) -> Callable[[], None]:
         def fn() -> None:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-            model.train(mode == "train")
+            net.train(mode == "train")
             with ctx():  # type: ignore[attr-defined]
                 if part in ("both", "image"):
-                    model.encode_image(images, normalize=True)
+                    net.encode_image(images, normalize=True)
                 if part in ("both", "text"):
-                    model.encode_text(texts, normalize=True)
+                    net.encode_text(texts, normalize=True)
         return fn
+
+    scorer = modellib.Scorer(mode="eval", autocast_dtype=None, compiled=True, device=device)
+    t0 = time.perf_counter()
+    scorer(model, images, texts)  # compiles
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - t0
+    print(f"{'compiled scoring: first call':36s} {compile_s:9.1f} s", flush=True)
 
     def fwd_grad(part: str) -> Callable[[], None]:
         def fn() -> None:
@@ -108,8 +123,11 @@ def main() -> None:
         "train_fwd_bwd_B": train(a.batch),
         f"train_fwd_bwd_{a.ratio}B": train(k),
         "score_eval_no_grad (trainer)": score("eval", torch.no_grad),
-        f"score_eval_no_grad_mha_fastpath_{'off' if trainer_fast else 'on'}":
-            score("eval", torch.no_grad, fastpath=not trainer_fast),
+        "score_eval_no_grad_compiled": lambda: scorer(model, images, texts),
+        "score_eval_no_grad_stock_attention": score("eval", torch.no_grad, net=stock),
+        f"score_eval_no_grad_stock_mha_fastpath_{'off' if trainer_fast else 'on'}":
+            score("eval", torch.no_grad, fastpath=not trainer_fast, net=stock),
+        "train_fwd_bwd_B_stock_attention": train(a.batch, stock),
         "score_train_no_grad": score("train", torch.no_grad),
         "score_eval_inference_mode": score("eval", torch.inference_mode),
         "score_eval_no_grad_image_only": score("eval", torch.no_grad, "image"),
@@ -130,6 +148,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     res = {"model": a.model, "batch": a.batch, "ratio": a.ratio, "threads": a.threads,
            "dtype": a.dtype, "device": dev, "torch": torch.__version__, "ms": ms,
+           "compiled_scoring_first_call_s": compile_s,
            "ratio_to_full_fwd_bwd": ratios, "score_plus_train_kept_over_full": step / full}
     out = Path(a.out) if a.out else common.RESULTS / f"scoring_forward_{device.type}.json"
     common.write_json(out, {**res, "machine": common.machine_info()}, indent=1)

@@ -32,16 +32,29 @@ class ModelConfig:
     # bf16, the structure of the reference code's `amp` (which autocasts to fp16 with a
     # gradient scaler; bf16 needs none).
     precision: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
+    # How open_clip's transformer blocks attend, in training, scoring and evaluation.
+    # sdpa: one F.scaled_dot_product_attention call per block, is_causal in the text
+    # tower (no mask tensor), no mask in the vision tower; same parameters and
+    # state-dict keys, so checkpoints load either way (dissect_dist/attention.py). stock:
+    # open_clip's nn.MultiheadAttention with its float causal mask.
+    attention: Literal["sdpa", "stock"] = "sdpa"
     # torch's inference fast path of nn.MultiheadAttention, taken by every no-grad forward
-    # in eval mode (the scoring pass, evaluation). With an attention mask (open_clip's text
-    # tower is causal) it is reported slower and larger on CUDA than the path training
-    # uses (pytorch/pytorch#166166). auto: disabled on CUDA, torch's default elsewhere
-    # (on CPU two timings showed no consistent difference: benchmarks/README.md).
+    # in eval mode (the scoring pass, evaluation) under model.attention=stock. With an
+    # attention mask (open_clip's text tower is causal) it is reported slower and larger
+    # on CUDA than the path training uses (pytorch/pytorch#166166). auto: disabled on CUDA,
+    # torch's default elsewhere (on CPU two timings showed no consistent difference:
+    # benchmarks/README.md). With model.attention=sdpa no block calls
+    # nn.MultiheadAttention, so only auto is accepted there.
     mha_fastpath: Literal["auto", "enabled", "disabled"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.precision in ("fp32", "bf16", "amp_bf16"), "model.precision",
                "use fp32, bf16 or amp_bf16")
+        _check(self.attention in ("sdpa", "stock"), "model.attention", "sdpa or stock")
+        _check(self.mha_fastpath == "auto" or self.attention == "stock", "model.mha_fastpath",
+               f"{self.mha_fastpath!r} has no effect with model.attention=sdpa (no block "
+               "calls nn.MultiheadAttention): set model.attention=stock to choose MHA's "
+               "fast path, or leave mha_fastpath=auto")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -80,6 +93,10 @@ class SelectionConfig:
     # and outside autocast (fp32 unless the weights themselves are bf16: precision=bf16),
     # TF32 matmuls allowed on CUDA. benchmarks/scoring_mode.py measures the difference.
     score_mode: Literal["eval", "reference"] = "eval"
+    # Run the scoring pass through torch.compile (its own compiled function: the training
+    # forward stays eager). The first steps pay the compilation (one per batch shape;
+    # benchmarks/README.md gives the cost); needs a C++ compiler on CPU, Triton on CUDA.
+    compile_scoring: bool = False
 
     def __post_init__(self) -> None:
         from dissect_dist.selection import REGISTRY

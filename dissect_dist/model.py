@@ -49,9 +49,15 @@ def check_name(name: str) -> None:
         "print(model_names())'")
 
 
-def create(name: str, pretrained: str | None = None) -> tuple[torch.nn.Module, Any, Any, Any]:
-    """(model, train preprocess, eval preprocess, tokenizer)."""
+def create(name: str, pretrained: str | None = None,
+           attention: Literal["sdpa", "stock"] = "sdpa"
+           ) -> tuple[torch.nn.Module, Any, Any, Any]:
+    """(model, train preprocess, eval preprocess, tokenizer). attention=sdpa runs the
+    towers' attention through F.scaled_dot_product_attention (dissect_dist/attention.py;
+    same parameters and state-dict keys), stock keeps open_clip's nn.MultiheadAttention."""
     import open_clip
+
+    from dissect_dist.attention import use_sdpa
 
     check_name(name)
     model, pre_train, pre_eval = open_clip.create_model_and_transforms(
@@ -60,6 +66,10 @@ def create(name: str, pretrained: str | None = None) -> tuple[torch.nn.Module, A
     # ("self.dim() cannot be 0 to view Float as Byte"): keep logit_scale 1-element.
     # open_clip's forward and our loss broadcast it the same way.
     model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+    if attention == "sdpa":
+        use_sdpa(model)
+    elif attention != "stock":
+        raise ValueError(f"attention={attention!r}: use sdpa or stock")
     return model, pre_train, pre_eval, open_clip.get_tokenizer(name)
 
 
@@ -80,20 +90,80 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
             yield
 
 
+def _score_encode(m: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode() on the bare module: the function the compiled scoring pass compiles (its
+    own code object, so its compiled graphs are never shared with other callers)."""
+    return m.encode_image(images, normalize=True), m.encode_text(texts, normalize=True)
+
+
+class Scorer:
+    """The no-grad scoring pass: L2-normalised features (b, d); the model is left in
+    train mode. mode=eval: eval mode, under the training autocast. mode=reference: train
+    mode (as the reference code: BatchNorm normalises with this batch's statistics and
+    updates its running statistics, dropout is active), outside autocast.
+
+    compiled=True runs the towers through torch.compile (inductor, static shapes, one
+    graph or an error: fullgraph). The compiled function is this scorer's own, not the
+    module's forward: the training forward (a different row count every step) stays
+    eager and never recompiles it. Each distinct batch shape (the per-rank batch, a
+    short last batch, the one-row blank batch of an empty rank) compiles once; the first
+    call pays the compile (see benchmarks/README.md, scoring_forward.py). More than
+    `torch._dynamo.config.recompile_limit` shapes raise instead of falling back to eager."""
+
+    def __init__(self, *, mode: Literal["eval", "reference"],
+                 autocast_dtype: torch.dtype | None, compiled: bool = False,
+                 device: torch.device | None = None) -> None:
+        self.mode, self.autocast_dtype = mode, autocast_dtype
+        if compiled:
+            check_compile_toolchain(device or torch.device("cpu"))
+            from torch._dynamo import config as dynamo_config
+
+            dynamo_config.fail_on_recompile_limit_hit = True  # no silent fall back to eager
+            self._encode = torch.compile(_score_encode, fullgraph=True, dynamic=False)
+        else:
+            self._encode = _score_encode
+
+    def __call__(self, model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = getattr(model, "module", model)
+        model.train(self.mode == "reference")
+        ctx = autocast(images.device, self.autocast_dtype if self.mode == "eval" else None)
+        try:
+            with torch.no_grad(), ctx:
+                return self._encode(m, images, texts)
+        finally:
+            model.train()
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """RuntimeError naming selection.compile_scoring when torch.compile's inductor cannot
+    build kernels for `device`: on CPU it needs a C++ compiler (inductor's cpp.cxx, or
+    g++/c++ on PATH); on CUDA, Triton."""
+    import shutil
+
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("selection.compile_scoring=true needs Triton on CUDA (pip "
+                               "install triton), or set selection.compile_scoring=false") from e
+        return
+    import torch._inductor.config as ic
+
+    cxx = [c for c in (ic.cpp.cxx if isinstance(ic.cpp.cxx, tuple) else (ic.cpp.cxx,)) if c]
+    if not any(shutil.which(c) for c in [*cxx, "g++", "c++", "clang++"]):
+        raise RuntimeError(
+            "selection.compile_scoring=true: torch.compile builds C++ kernels on CPU and no "
+            f"C++ compiler was found (looked for {[*cxx, 'g++', 'c++', 'clang++']} on PATH): "
+            "install one (apt-get install g++) or set selection.compile_scoring=false")
+
+
 def score_features(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
                    mode: Literal["eval", "reference"], autocast_dtype: torch.dtype | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad L2-normalised features (b, d) for the scoring pass; the model is left in
-    train mode. eval: eval mode, under the training autocast. reference: train mode (as
-    the reference code: BatchNorm normalises with this batch's statistics and updates
-    its running statistics, dropout is active), outside autocast."""
-    model.train(mode == "reference")
-    ctx = autocast(images.device, autocast_dtype if mode == "eval" else None)
-    try:
-        with torch.no_grad(), ctx:
-            return encode(model, images, texts)
-    finally:
-        model.train()
+    """The eager scoring pass once (see Scorer)."""
+    return Scorer(mode=mode, autocast_dtype=autocast_dtype)(model, images, texts)
 
 
 def encode_kept(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor,

@@ -56,7 +56,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = str(self.run_dir / "checkpoints")
         self.model, pre_train, pre_eval, tokenizer = modellib.create(
-            cfg.model.name, cfg.model.pretrained)
+            cfg.model.name, cfg.model.pretrained, attention=cfg.model.attention)
         self.manifest = Manifest.load(cfg.data.train_manifest)
         self.loader = WebDatasetLoader(
             self.manifest, rank=self.rank, world_size=self.world,
@@ -94,6 +94,9 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if cfg.model.precision == "amp_bf16" else None
         if cfg.selection.score_mode == "reference" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference code sets it
+        self._score = modellib.Scorer(mode=cfg.selection.score_mode,
+                                      autocast_dtype=self.autocast_dtype,
+                                      compiled=cfg.selection.compile_scoring, device=self.device)
         self.step = 0
         # One blank (image, empty caption) row: what a rank with no kept row (or no
         # decodable sample at all) forwards so that it still joins every collective.
@@ -155,8 +158,7 @@ class Trainer:
             mode = self.cfg.selection.score_mode
             # An empty batch still yields (0, d) features: the per-sample loss gathers
             # (k, d) from every rank.
-            fi, ft = modellib.score_features(self.engine, *((images, texts) if b else self._dummy),
-                                             mode=mode, autocast_dtype=self.autocast_dtype)
+            fi, ft = self._score(self.engine, *((images, texts) if b else self._dummy))
             fi, ft = (fi, ft) if b else (fi[:0], ft[:0])
             curr = modellib.clipscore(fi, ft, cosine=mode == "reference")
             if strat.needs_loss:
