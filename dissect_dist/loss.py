@@ -42,7 +42,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     L2-normalised. Returns the mean loss over the K global rows (identical value on
     every rank). With K == 0 everywhere the loss is 0 but still depends on the
     parameters, so backward and the gradient all-reduce still run."""
-    all_img, off = gather_kept(img, world_size)
+    all_img, _ = gather_kept(img, world_size)
     all_txt, _ = gather_kept(txt, world_size)
     k = all_img.shape[0]
     if k == 0:
