@@ -2,8 +2,8 @@
 
     manifest URLS... --out manifest.json [--from tar|stats]
         Build the manifest (shard -> sample count) from tar headers or img2dataset's
-        *_stats.json. URLS may be paths, fsspec URLs, or brace patterns
-        ("s3://b/shards/{00000..00999}.tar").
+        *_stats.json. URLS may be paths, fsspec URLs, or brace patterns as webdataset
+        takes them ("s3://b/shards/{00000..00999}.tar", "{train,extra}/{000..009}.tar").
     fashion-mnist --out DIR --noise 0.4 [--subset N] [--seed S]
     icons --out DIR --noise 0.4 [--heldout 0.1] [--seed S]
     folder --images DIR --captions FILE.csv|.tsv --out DIR [--img-key filepath --caption-key title]
