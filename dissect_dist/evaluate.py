@@ -25,7 +25,7 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
               batch_size: int, rank: int = 0, world: int = 1
-              ) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+              ) -> Iterator[tuple[torch.Tensor, list[str], list[dict[str, Any]]]]:
     """Decodable samples in shard order as (images, captions, json metadata) batches.
     Batch j holds the samples at manifest positions [j*batch_size, (j+1)*batch_size)
     (fewer if some are undecodable); this rank reads and decodes only the batches with
@@ -33,7 +33,7 @@ def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
     reader = ShardReader(manifest)
     images: list[torch.Tensor] = []
     caps: list[str] = []
-    metas: list[dict] = []
+    metas: list[dict[str, Any]] = []
     g = -1  # global position of the sample in the manifest
     try:
         for shard, count in enumerate(manifest.counts.tolist()):
@@ -66,13 +66,13 @@ class EvalSet:
         self.manifest = Manifest.load(manifest_path)
         self.preprocess, self.batch_size = preprocess, batch_size
         self.cache_bytes, self.rank, self.world = cache_bytes, rank, world
-        self._batches: list[tuple[torch.Tensor, list[str], list[dict]]] | None = None
+        self._batches: list[tuple[torch.Tensor, list[str], list[dict[str, Any]]]] | None = None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict[str, Any]]]]:
         if self._batches is not None:
             yield from self._batches
             return
-        kept: list[tuple[torch.Tensor, list[str], list[dict]]] = []
+        kept: list[tuple[torch.Tensor, list[str], list[dict[str, Any]]]] = []
         fits = True
         for batch in iter_eval(self.manifest, self.preprocess, self.batch_size, self.rank,
                                self.world):
