@@ -364,7 +364,9 @@ class SnapshotLocation:
         saved, step = record.layout, record.step
         if hi <= lo:
             return
-        _, path = self._snapshot(step)
+        path = f"{self.root}/{step_name(step)}"
+        if not self.fs.exists(f"{path}/{COMMIT}"):  # named with another width
+            _, path = self._snapshot(step)
         try:
             arr = zarr.open_array(store=self._array_store(path, read_only=True),
                                   mode="r", zarr_format=3)
