@@ -91,7 +91,9 @@ def _swap_blocks(transformer: nn.Module, causal: bool) -> int:
     from open_clip.transformer import ResidualAttentionBlock
 
     n = 0
-    for block in transformer.resblocks:
+    blocks = transformer.resblocks
+    assert isinstance(blocks, nn.ModuleList)
+    for block in blocks:
         if isinstance(block, ResidualAttentionBlock) and \
                 isinstance(block.attn, nn.MultiheadAttention):
             if hasattr(block, "ln_1_kv"):
@@ -125,9 +127,9 @@ def use_sdpa(model: nn.Module) -> dict[str, Any]:
         done["text"] = _swap_blocks(text.transformer, causal)
         text.attn_mask = None  # the blocks apply causality themselves
         done["text_causal"] = causal
-    elif isinstance(getattr(model, "transformer", None), Transformer):  # CLIP
+    elif isinstance(tf := getattr(model, "transformer", None), Transformer):  # CLIP
         causal = _causal_mask_kind(getattr(model, "attn_mask", None))
-        done["text"] = _swap_blocks(model.transformer, causal)
-        model.attn_mask = None
+        done["text"] = _swap_blocks(tf, causal)
+        setattr(model, "attn_mask", None)  # noqa: B010 - a buffer, not an attribute mypy knows
         done["text_causal"] = causal
     return done

@@ -1,13 +1,15 @@
 """Checkpoints that are complete or absent.
 
-    RUN/checkpoints/step-000000001200/   one tag: DeepSpeed's files (model, optimizer,
-                                          scheduler), scores/ (store snapshot),
-                                          rank-00000.pt ... (data cursor, selection state
-                                          and RNG per rank), run.json, COMPLETE (last)
-    RUN/checkpoints/latest                the newest COMPLETE tag, replaced atomically
-    RUN/checkpoints/.step-000000001200.new/  a checkpoint replacing the complete one at its
-                                          step (the end of a run saves again at the step
-                                          the loop saved), moved to its tag once complete
+    RUN/checkpoints/step-000001200/   one tag: DeepSpeed's files (model, optimizer,
+                                       scheduler), scores/ (store snapshot),
+                                       rank-00000.pt ... (data cursor, selection state
+                                       and RNG per rank), run.json, COMPLETE (last)
+    RUN/checkpoints/latest             the newest COMPLETE tag, replaced atomically
+    RUN/checkpoints/.step-000001200.new/  a checkpoint replacing the complete one at its
+                                       step (the end of a run saves again at the step
+                                       the loop saved), moved to its tag once complete
+
+Tags are named as the store names its snapshots (store.persist.step_name).
 
 A crash while writing leaves `latest` pointing at the previous complete tag; the torn
 tag directory is cleared by the next save at that step.
@@ -40,14 +42,10 @@ import torch
 import torch.distributed as dist
 
 from store import persist
-from store.persist import SnapshotError
+from store.persist import SnapshotError, atomic_write, step_name, step_of
 
 COMPLETE = "COMPLETE"
 _STAGED = re.compile(r"\.(step-\d+)\.new")
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:09d}"
 
 
 class CheckpointError(RuntimeError):
@@ -55,20 +53,11 @@ class CheckpointError(RuntimeError):
     the previous complete checkpoint is still `latest`."""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, Any],
          run_info: dict[str, Any], keep: int) -> str:
     """Collective. Returns the tag written, or raises CheckpointError on every rank."""
     rank = dist.get_rank()
-    tag = tag_for(step)
+    tag = step_name(step)
     tag_dir = Path(root) / tag
     rank_bytes = _to_bytes(rank_state)
     need = estimate_bytes(engine, store, len(rank_bytes), rank, _block_size(Path(root)))
@@ -105,7 +94,7 @@ def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, An
         fault = _Fault.of(e, None, out, need)
     if fault is None:
         try:
-            _atomic_write(out / f"rank-{rank:05d}.pt", rank_bytes)
+            atomic_write(out / f"rank-{rank:05d}.pt", rank_bytes)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             fault = _Fault.of(e, rank, out, need)
         with _DeepSpeedWrites(engine, rank, out, need) as ds:
@@ -122,8 +111,8 @@ def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, An
                 "saved_unix": time.time(), "bytes_estimate": needed}
         try:
             (out / "run.json").write_text(json.dumps(info, indent=1))
-            _atomic_write(out / COMPLETE, b"ok\n")
-            _atomic_write(Path(root) / "latest", out.name.encode())
+            atomic_write(out / COMPLETE, b"ok\n")
+            atomic_write(Path(root) / "latest", out.name.encode())
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             final = _Fault.of(e, 0, out, need)
             (Path(root) / "latest.tmp").unlink(missing_ok=True)
@@ -148,7 +137,7 @@ def _replace(tag_dir: Path, staged: Path) -> None:
     try:
         shutil.rmtree(tag_dir)
         os.rename(staged, tag_dir)
-        _atomic_write(tag_dir.parent / "latest", tag_dir.name.encode())
+        atomic_write(tag_dir.parent / "latest", tag_dir.name.encode())
     except OSError as e:  # the staged copy is complete and `latest`: nothing is lost
         print(f"checkpoint {staged} is complete and latest, but could not be moved to "
               f"{tag_dir.name} ({_one_line(e)}); --resume latest uses it as it is",
@@ -442,8 +431,9 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def _prune(root: Path, keep: int) -> None:
-    tags = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
-    for old in tags[:-keep]:
+    tags = sorted((step, p) for p in root.glob("step-*")
+                  if (step := step_of(p.name)) is not None and (p / COMPLETE).exists())
+    for _, old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     current = _read_latest(root)
     for staged in root.glob(".step-*.new"):  # debris of interrupted replacements
@@ -514,7 +504,7 @@ def universal_dir(root: str, tag: str) -> str:
             err = (f"converting {base} to DeepSpeed's universal format failed "
                    f"(exit {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
         else:
-            _atomic_write(out / "DONE", b"ok\n")
+            atomic_write(out / "DONE", b"ok\n")
     failed = [e for e in _gather(err) if e]
     if failed:
         raise RuntimeError(failed[0])

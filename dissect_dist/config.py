@@ -205,7 +205,6 @@ class RunConfig:
         return cfg
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _CLASSES = {"model": ModelConfig, "data": DataConfig, "selection": SelectionConfig,
             "optim": OptimConfig, "train": TrainConfig}
 

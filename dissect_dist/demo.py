@@ -68,13 +68,19 @@ def train(strategy: str, data: Path, out: Path, a: argparse.Namespace) -> dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subset", type=int, default=500)
-    p.add_argument("--noise", type=float, default=0.4)
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--epochs", type=int, default=64)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "runs" / "demo"))
+    p.add_argument("--subset", type=int, default=500,
+                   help="Fashion-MNIST training pairs (default: 500)")
+    p.add_argument("--noise", type=float, default=0.4,
+                   help="fraction of pairs whose caption names another class (default: 0.4)")
+    p.add_argument("--ratio", type=float, default=0.3,
+                   help="fraction r of each global batch that dissect_momentum and random "
+                        "train on (default: 0.3)")
+    p.add_argument("--epochs", type=int, default=64, help="epochs of each run (default: 64)")
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (default: 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="train.seed of every run; the data is built with seed 0 (default: 0)")
+    p.add_argument("--out", default=str(REPO / "runs" / "demo"),
+                   help="directory for the runs, demo.json and demo.png (default: runs/demo)")
     a = p.parse_args()
     data = REPO / "data" / f"fmnist-{a.subset}-noise{a.noise}"
     if not (data / "classes.json").exists():

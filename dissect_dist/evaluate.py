@@ -18,14 +18,14 @@ import torch
 
 from dissect_dist.data.loader import ShardReader, decode_sample
 from dissect_dist.data.manifest import Manifest
-from dissect_dist.model import encode
+from dissect_dist.model import encode, unwrap
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
 def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
               batch_size: int, rank: int = 0, world: int = 1
-              ) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+              ) -> Iterator[tuple[torch.Tensor, list[str], list[dict[str, Any]]]]:
     """Decodable samples in shard order as (images, captions, json metadata) batches.
     Batch j holds the samples at manifest positions [j*batch_size, (j+1)*batch_size)
     (fewer if some are undecodable); this rank reads and decodes only the batches with
@@ -33,7 +33,7 @@ def iter_eval(manifest: Manifest, preprocess: Callable[[Any], torch.Tensor],
     reader = ShardReader(manifest)
     images: list[torch.Tensor] = []
     caps: list[str] = []
-    metas: list[dict] = []
+    metas: list[dict[str, Any]] = []
     g = -1  # global position of the sample in the manifest
     try:
         for shard, count in enumerate(manifest.counts.tolist()):
@@ -66,13 +66,13 @@ class EvalSet:
         self.manifest = Manifest.load(manifest_path)
         self.preprocess, self.batch_size = preprocess, batch_size
         self.cache_bytes, self.rank, self.world = cache_bytes, rank, world
-        self._batches: list[tuple[torch.Tensor, list[str], list[dict]]] | None = None
+        self._batches: list[tuple[torch.Tensor, list[str], list[dict[str, Any]]]] | None = None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[dict[str, Any]]]]:
         if self._batches is not None:
             yield from self._batches
             return
-        kept: list[tuple[torch.Tensor, list[str], list[dict]]] = []
+        kept: list[tuple[torch.Tensor, list[str], list[dict[str, Any]]]] = []
         fits = True
         for batch in iter_eval(self.manifest, self.preprocess, self.batch_size, self.rank,
                                self.world):
@@ -89,7 +89,7 @@ class EvalSet:
 def _dtype(model: torch.nn.Module) -> torch.dtype:
     """The weights' dtype (bf16 under DeepSpeed bf16): the eval images are cast to it
     (fp32 for a module without parameters)."""
-    p = next(getattr(model, "module", model).parameters(), None)
+    p = next(unwrap(model).parameters(), None)
     return torch.float32 if p is None else p.dtype
 
 
@@ -97,7 +97,7 @@ def class_weights(model: torch.nn.Module, tokenizer: Any, root: str,
                   device: torch.device) -> torch.Tensor:
     """(C, d) class embeddings: each class name in every template, averaged, normalised."""
     spec = json.loads((Path(root) / "classes.json").read_text())
-    m = getattr(model, "module", model)
+    m = unwrap(model)
     cls = []
     for c in spec["classes"]:
         group = [t.format(c) for t in spec["templates"]]
@@ -111,7 +111,7 @@ def zeroshot_counts(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet, ro
                     device: torch.device) -> tuple[int, int]:
     """(correct, total) over the eval set's share of `root`/test (sum over ranks)."""
     weights = class_weights(model, tokenizer, root, device)
-    m = getattr(model, "module", model)
+    m = unwrap(model)
     correct = total = 0
     for images, _, metas in evalset:
         f = m.encode_image(images.to(device, _dtype(m)), normalize=True).float()
@@ -141,9 +141,3 @@ def retrieval_on(model: torch.nn.Module, tokenizer: Any, evalset: EvalSet,
             out[f"{name}_R@{k}"] = float((rank < k).float().mean())
     return out
 
-
-def retrieval(model: torch.nn.Module, tokenizer: Any, preprocess: Any, manifest_path: str,
-              device: torch.device, batch_size: int = 512) -> dict[str, float]:
-    """Image->text and text->image recall@1/5/10 over a held-out set of pairs."""
-    return retrieval_on(model, tokenizer, EvalSet(manifest_path, preprocess, batch_size, 0),
-                        device)

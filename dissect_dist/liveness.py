@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 _PREFIX = "dissect/liveness"
 
@@ -54,7 +55,7 @@ class Heartbeat:
                  timeout_s: float = 10.0) -> None:
         self.rank, self.world, self.interval_s, self.timeout_s = rank, world, interval_s, timeout_s
         self._stop = threading.Event()
-        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+        self._store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                     is_master=False, timeout=timedelta(seconds=timeout_s),
                                     wait_for_workers=False)
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)

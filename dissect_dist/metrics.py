@@ -27,7 +27,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def key_histogram(keys: np.ndarray, noisy: np.ndarray, bins: int = 40) -> dict[str, list]:
+def key_histogram(keys: np.ndarray, noisy: np.ndarray, bins: int = 40) -> dict[str, list[float]]:
     """Counts of the ranking key for clean and for noisy pairs over shared bins spanning the
     0.5-99.5 percentiles (outliers land in the end bins): the δ histograms of a run."""
     keys = np.asarray(keys, dtype=np.float64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,10 +73,15 @@ def create(name: str, pretrained: str | None = None,
     return model, pre_train, pre_eval, open_clip.get_tokenizer(name)
 
 
+def unwrap(model: Any) -> Any:
+    """The module a DeepSpeed engine wraps, or `model` itself when it wraps none."""
+    return getattr(model, "module", model)
+
+
 def encode(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and text features (b, d)."""
-    m = getattr(model, "module", model)
+    m = unwrap(model)
     return m.encode_image(images, normalize=True), m.encode_text(texts, normalize=True)
 
 
@@ -94,7 +99,9 @@ def _score_encode(m: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """encode() on the bare module: the function the compiled scoring pass compiles (its
     own code object, so its compiled graphs are never shared with other callers)."""
-    return m.encode_image(images, normalize=True), m.encode_text(texts, normalize=True)
+    enc_i: Callable[..., torch.Tensor] = getattr(m, "encode_image")  # noqa: B009
+    enc_t: Callable[..., torch.Tensor] = getattr(m, "encode_text")  # noqa: B009
+    return enc_i(images, normalize=True), enc_t(texts, normalize=True)
 
 
 class Scorer:
@@ -234,7 +241,7 @@ def clamp_logit_scale(engine: Any) -> None:
     """Bound exp(logit_scale) at 100 where the optimizer holds it (open_clip's and the
     reference's clamp, which act on the module parameter of an fp32 model): on the fp32
     master copy, and on the module parameter the forward reads. Local to each rank."""
-    m = getattr(engine, "module", engine)
+    m = unwrap(engine)
     with torch.no_grad():
         for t in master_copies(engine, m.logit_scale):
             t.clamp_(0, LOGIT_SCALE_MAX)
@@ -244,7 +251,7 @@ def clamp_logit_scale(engine: Any) -> None:
 def export_open_clip(model: torch.nn.Module, path: str) -> None:
     """A state dict open_clip.create_model(name, pretrained=path) loads (0-dim
     logit_scale restored)."""
-    m = getattr(model, "module", model)
+    m = unwrap(model)
     sd = {k: v.detach().cpu() for k, v in m.state_dict().items()}
     sd["logit_scale"] = sd["logit_scale"].reshape(())
     torch.save(sd, path)

@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from store import persist
+from store.persist import CommitRecord, SnapshotError, SnapshotLocation
 
 
-def _load_all(url: str, step: int | None, opts: dict[str, Any] | None
-              ) -> tuple[dict[str, Any], np.ndarray]:
-    record = persist.read_commit(url, step, storage_options=opts)
-    return record, persist.read_all(url, record, storage_options=opts)
+def _load_all(loc: SnapshotLocation, step: int | None) -> tuple[CommitRecord, np.ndarray]:
+    record = loc.read_commit(step)
+    return record, loc.read_all(record)
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:
@@ -41,38 +40,38 @@ def _summary(values: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    steps = persist.list_steps(args.url, args.storage_options)
-    record, values = _load_all(args.url, args.step, args.storage_options)
+def cmd_inspect(loc: SnapshotLocation, args: argparse.Namespace) -> int:
+    steps = loc.steps()
+    record, values = _load_all(loc, args.step)
     info = {
         "url": args.url,
-        "step": record["step"],
-        "n": record["n"],
-        "saved_world_size": record["layout"]["world_size"],
+        "step": record.step,
+        "n": record.n,
+        "saved_world_size": record.layout.world_size,
         # what the stochastic rounding of later writes continues from
-        "rounding_seed": record.get("seed", 0), "exchanges": record.get("exchanges", 0),
-        "layout": record["layout"],
+        "rounding_seed": record.seed, "exchanges": record.exchanges,
+        "layout": record.layout.to_dict(),
         "committed_steps": [s for s, ok in steps if ok],
         "torn_steps": [s for s, ok in steps if not ok],
         **_summary(values),
-        "extra": record.get("extra", {}),
+        "extra": dict(record.extra),
     }
     print(json.dumps(info, indent=2))
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(loc: SnapshotLocation, args: argparse.Namespace) -> int:
     if (args.threshold is None) == (args.top_fraction is None):
         print("export: give exactly one of --threshold or --top-fraction", file=sys.stderr)
         return 2
-    record, scores = _load_all(args.url, args.step, args.storage_options)
+    record, scores = _load_all(loc, args.step)
     os.makedirs(args.out, exist_ok=True)
     np.save(os.path.join(args.out, "scores.npy"), scores)
     if args.by == "delta":
         if args.baseline_step is None:
             print("export --by delta needs --baseline-step (the older snapshot)", file=sys.stderr)
             return 2
-        _, base = _load_all(args.url, args.baseline_step, args.storage_options)
+        _, base = _load_all(loc, args.baseline_step)
         key = base.astype(np.float32) - scores.astype(np.float32)
         np.save(os.path.join(args.out, "delta.npy"), key)
     else:
@@ -90,9 +89,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         top = cand[np.lexsort((cand, -key[cand]))[:k]]
         kept = np.sort(top)
     np.save(os.path.join(args.out, "kept_ids.npy"), kept.astype(np.int64))
-    print(json.dumps({"step": record["step"], "n": record["n"], "by": args.by,
+    print(json.dumps({"step": record.step, "n": record.n, "by": args.by,
                       "scored": int(valid.sum()), "kept": int(kept.size), "out": args.out}))
     return 0
+
+
+URL_HELP = "the snapshots' root: a local path or an fsspec URL (s3://bucket/run/scores)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,21 +104,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="N, saved world size, step, fraction scored, value summary")
-    i.add_argument("url")
+    i.add_argument("url", help=URL_HELP)
     i.add_argument("--step", type=int, default=None, help="default: newest committed")
     e = sub.add_parser("export", help="scores and kept ids as .npy for offline filtering")
-    e.add_argument("url")
+    e.add_argument("url", help=URL_HELP)
     e.add_argument("--step", type=int, default=None, help="default: newest committed")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--by", choices=["score", "delta"], default="score")
-    e.add_argument("--baseline-step", type=int, default=None)
+    e.add_argument("--by", choices=["score", "delta"], default="score",
+                   help="rank samples by their score, or by delta = baseline - score "
+                        "(default: score)")
+    e.add_argument("--baseline-step", type=int, default=None,
+                   help="with --by delta: the older snapshot's step")
     e.add_argument("--threshold", type=float, default=None, help="keep key >= threshold")
     e.add_argument("--top-fraction", type=float, default=None,
                    help="keep this fraction of scored samples with the highest key")
     args = p.parse_args(argv)
     try:
-        return cmd_inspect(args) if args.cmd == "inspect" else cmd_export(args)
-    except persist.SnapshotError as err:
+        loc = SnapshotLocation(args.url, args.storage_options)
+        return cmd_inspect(loc, args) if args.cmd == "inspect" else cmd_export(loc, args)
+    except SnapshotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -19,6 +19,7 @@ import torch
 
 from store.collective import Collective, SingleProcess
 from store.layout import DEFAULT_CHUNK, DEFAULT_SHARD, Layout
+from store.persist import CommitRecord, SnapshotError, SnapshotLocation, merge_crcs
 from store.rounding import to_fp16_nearest, to_fp16_stochastic, uniform
 from store.rules import UpdateRule
 
@@ -59,7 +60,7 @@ class ScoreStore:
         self.seed = seed
         self.exchanges = 0
         # The commit record this store was loaded from (None for a fresh store).
-        self.loaded_record: dict[str, Any] | None = None
+        self.loaded_record: CommitRecord | None = None
         # (hi - lo,) fp16; NaN = never scored. The only per-sample memory there is.
         self.values = torch.full(
             (self.hi - self.lo,), float("nan"), dtype=STORE_DTYPE, device=self.device
@@ -183,74 +184,52 @@ class ScoreStore:
         """This rank's values (hi - lo,) as a float16 numpy array (a copy on GPU)."""
         return self.values.detach().cpu().numpy()
 
-    def summary(self) -> dict[str, Any]:
-        """Collective. Cluster-wide count of scored samples and value range."""
-        v = self.values[~torch.isnan(self.values)].float()
-        part = (int(v.numel()), float(v.min()) if v.numel() else None,
-                float(v.max()) if v.numel() else None, float(v.sum()))
-        parts = self.comm.all_gather_object(part)
-        scored = sum(p[0] for p in parts)
-        mins = [p[1] for p in parts if p[1] is not None]
-        maxs = [p[2] for p in parts if p[2] is not None]
-        return {
-            "n": self.n,
-            "scored": scored,
-            "fraction_scored": scored / self.n,
-            "min": min(mins) if mins else None,
-            "max": max(maxs) if maxs else None,
-            "mean": sum(p[3] for p in parts) / scored if scored else None,
-        }
-
     # ------------------------------------------------------------------ persistence
     def save(
         self,
-        url: str,
+        where: str | SnapshotLocation,
         step: int,
         *,
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
-        storage_options: dict[str, Any] | None = None,
     ) -> None:
         """Collective. Every rank writes its own whole shards, then rank 0 commits.
-        On any rank's failure nothing is committed and every rank raises."""
-        from store import persist
-
-        opts = storage_options
+        On any rank's failure nothing is committed and every rank raises.
+        `where`: a SnapshotLocation, or a URL / local path (no fsspec options)."""
+        loc = SnapshotLocation.of(where)
         err = None
         if self.comm.rank == 0:
             try:
-                persist.prepare(url, step, self.layout, overwrite=overwrite, storage_options=opts)
+                loc.prepare(step, self.layout, overwrite=overwrite)
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 err = f"{type(e).__name__}: {e}"
         err = self.comm.broadcast_object(err, src=0)
         if err is not None:
-            raise persist.SnapshotError(f"score store save to {url} failed on rank 0: {err}")
+            raise SnapshotError(f"score store save to {loc.url} failed on rank 0: {err}")
         crcs: dict[int, int] = {}
         err = None
         try:
-            crcs = persist.write_range(url, step, self.lo, self.local_numpy(), self.layout,
-                                       storage_options=opts)
+            crcs = loc.write(step, self.lo, self.local_numpy(), self.layout)
         except Exception as e:  # noqa: BLE001
             err = f"rank {self.comm.rank}: {type(e).__name__}: {e}"
         parts = self.comm.all_gather_object((crcs, err))
         errors = [e for _, e in parts if e is not None]
         if not errors and self.comm.rank == 0:
             try:
-                persist.commit(url, step, self.layout, persist.merge_crcs([c for c, _ in parts]),
-                               extra, seed=self.seed, exchanges=self.exchanges,
-                               storage_options=opts)
+                loc.commit(step, self.layout, merge_crcs([c for c, _ in parts]), extra=extra,
+                           seed=self.seed, exchanges=self.exchanges)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"rank 0 commit: {type(e).__name__}: {e}")
         errors = self.comm.broadcast_object(errors, src=0)
         if errors:
-            raise persist.SnapshotError(
-                f"score store save to {url} step {step} not committed: " + "; ".join(errors)
+            raise SnapshotError(
+                f"score store save to {loc.url} step {step} not committed: " + "; ".join(errors)
             )
 
     @classmethod
     def load(
         cls,
-        url: str,
+        where: str | SnapshotLocation,
         collective: Collective | None = None,
         *,
         n: int | None = None,
@@ -258,39 +237,35 @@ class ScoreStore:
         device: torch.device | str = "cpu",
         chunk_target: int = DEFAULT_CHUNK,
         shard_target: int = DEFAULT_SHARD,
-        storage_options: dict[str, Any] | None = None,
     ) -> ScoreStore:
         """Collective. Load a committed snapshot (the newest, or `step`) into a store
         for the current world, whatever world size saved it. `n`, when given, must
         match the snapshot's N. The seed and exchange counter come from the snapshot
         (0 and 0 for one written before they were recorded), so exchanges after a load
         round exactly as they would have in the store that was saved."""
-        from store import persist
-
+        loc = SnapshotLocation.of(where)
         comm = collective if collective is not None else SingleProcess()
-        record: dict[str, Any] | str | None = None
+        found: CommitRecord | str | None = None
         if comm.rank == 0:  # one listing, so all ranks load the same step
             try:
-                record = persist.read_commit(url, step, storage_options=storage_options)
-                persist.check_expected(url, record, n)
-            except persist.SnapshotError as e:
-                record = str(e)
-        record = comm.broadcast_object(record, src=0)
-        if isinstance(record, str):
-            raise persist.SnapshotError(record)
-        assert record is not None
-        store = cls(record["n"], comm, device=device, chunk_target=chunk_target,
-                    shard_target=shard_target, seed=int(record.get("seed", 0)))
-        store.exchanges = int(record.get("exchanges", 0))
+                found = loc.read_commit(step, n=n)
+            except SnapshotError as e:
+                found = str(e)
+        found = comm.broadcast_object(found, src=0)
+        if not isinstance(found, CommitRecord):
+            raise SnapshotError(str(found))
+        record = found
+        store = cls(record.n, comm, device=device, chunk_target=chunk_target,
+                    shard_target=shard_target, seed=record.seed)
+        store.exchanges = record.exchanges
         err = None
         try:
-            for off, block in persist.read_range(url, record, store.lo, store.hi,
-                                                 storage_options=storage_options):
+            for off, block in loc.read(record, store.lo, store.hi):
                 store.values[off:off + block.shape[0]].copy_(torch.from_numpy(block))
-        except persist.SnapshotError as e:
+        except SnapshotError as e:
             err = str(e)
         errors = [e for e in comm.all_gather_object(err) if e is not None]
         if errors:
-            raise persist.SnapshotError(errors[0])
+            raise SnapshotError(errors[0])
         store.loaded_record = record
         return store

@@ -125,7 +125,7 @@ def rp_load(ctx: dict[str, Any], url: str, n: int | None, step: int | None,
             chunk: int, shard: int) -> int:
     ctx["store"] = ScoreStore.load(url, TorchDistributed(), n=n, step=step,
                                    chunk_target=chunk, shard_target=shard)
-    return int(ctx["store"].loaded_record["step"])
+    return int(ctx["store"].loaded_record.step)
 
 
 def gather_dense(pool: Any, n: int) -> np.ndarray:

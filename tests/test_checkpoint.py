@@ -129,3 +129,39 @@ def test_latest_reads_through_a_replacement_stopped_before_its_last_write(tmp_pa
     # The staged copy was moved to its tag; `latest` still names the staged copy.
     (tmp_path / "latest").write_text(".step-000000002.new")
     assert checkpoint.latest(str(tmp_path)) == "step-000000002"
+
+
+def rp_fill_scores(ctx: dict[str, Any], step: int) -> None:
+    """Distinct scores on every rank's range of the checkpoint's store."""
+    store = ctx.setdefault("ckpt_store", ScoreStore(1000, TorchDistributed()))
+    store.values.copy_(torch.arange(store.lo, store.hi, dtype=torch.float32) % 97 + step)
+
+
+def test_a_checkpoint_written_with_twelve_digit_snapshot_names_still_resumes(pools, tmp_path):
+    """Tags have always had 9 digits; the score snapshot inside a tag once had 12
+    (scores/step-000000000002). Such a checkpoint is still latest, its rank state and scores
+    load, and the next saves prune it in step order."""
+    pool = pools(2)
+    pool.run(rp_fill_scores, 2)
+    assert pool.run(rp_checkpoint, str(tmp_path), 2, 1, None) == ["", ""]
+    tag = tmp_path / "step-000000002"
+    (tag / "scores" / "step-000000002").rename(tag / "scores" / "step-000000000002")
+
+    assert checkpoint.resolve(str(tmp_path), "latest") == "step-000000002"
+    assert checkpoint.load_rank_state(str(tmp_path), "step-000000002", 1, 2)["marker"] == 1
+    scores = ScoreStore.load(str(tag / "scores"), n=1000)
+    assert scores.loaded_record.step == 2
+    want = torch.arange(1000, dtype=torch.float32) % 97 + 2
+    assert torch.equal(scores.values, want.to(torch.float16))
+    for step in (4, 6):
+        assert pool.run(rp_checkpoint, str(tmp_path), step, step, None) == ["", ""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step-000000004", "step-000000006"]
+
+
+def test_pruning_keeps_the_newest_tags_by_step_whatever_their_width(tmp_path):
+    for name in ("step-000000005", "step-999999999", "step-1000000000", "step-000000000007"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.COMPLETE).write_text("ok\n")
+    checkpoint._prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000000", "step-999999999"]

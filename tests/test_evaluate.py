@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from dissect_dist.evaluate import retrieval
+from dissect_dist.evaluate import EvalSet, retrieval_on
 from dissect_dist.metrics import auroc
 from tests.datagen import make_dataset
 
@@ -49,8 +49,8 @@ def test_retrieval_recall_is_one_for_matched_pairs_and_near_chance_otherwise(tmp
             return f
 
         stub.encode_image = enc_img
-        res = retrieval(stub, _tok_for(stub), PRE, str(tmp_path / "manifest.json"),
-                        torch.device("cpu"), batch_size=16)
+        evalset = EvalSet(str(tmp_path / "manifest.json"), PRE, 16, 0)
+        res = retrieval_on(stub, _tok_for(stub), evalset, torch.device("cpu"))
         assert lo <= res["i2t_R@1"] <= hi
         assert res["i2t_R@1"] <= res["i2t_R@5"] <= res["i2t_R@10"] <= 1.0
     assert m.total == 80

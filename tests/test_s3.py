@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import ScoreStore, SnapshotError
+from store import ScoreStore, SnapshotError, SnapshotLocation
 from tests.rank_pool import free_port
 from tests.store_model import gather_dense, rp_exchange_random, rp_new_store, same_bits
 
@@ -33,22 +33,24 @@ def s3(tmp_path_factory):
 
 
 def _rp_save_s3(ctx, url, step, opts):
-    ctx["store"].save(url, step, storage_options=opts)
+    ctx["store"].save(SnapshotLocation(url, opts), step)
 
 
 def _rp_load_s3(ctx, url, n, opts):
-    ctx["store"] = ScoreStore.load(url, __import__("store").TorchDistributed(), n=n,
-                                   storage_options=opts, chunk_target=256, shard_target=1024)
+    ctx["store"] = ScoreStore.load(SnapshotLocation(url, opts),
+                                   __import__("store").TorchDistributed(), n=n,
+                                   chunk_target=256, shard_target=1024)
 
 
 def test_s3_round_trip_single_process(s3) -> None:
     s = ScoreStore(10_000, chunk_target=256, shard_target=1024)
     s.values[::3] = 42.5
-    s.save("s3://scores-bucket/single", 7, storage_options=s3)
-    back = ScoreStore.load("s3://scores-bucket/single", n=10_000, storage_options=s3)
+    loc = SnapshotLocation("s3://scores-bucket/single", s3)
+    s.save(loc, 7)
+    back = ScoreStore.load(loc, n=10_000)
     assert np.array_equal(back.local_numpy().view(np.uint16), s.local_numpy().view(np.uint16))
     with pytest.raises(SnapshotError, match="N=10000 samples, this run expects N=9"):
-        ScoreStore.load("s3://scores-bucket/single", n=9, storage_options=s3)
+        ScoreStore.load(loc, n=9)
 
 
 @pytest.mark.multirank

@@ -137,7 +137,7 @@ def test_a_loaded_store_rounds_on_exactly_as_the_uninterrupted_one(tmp_path: Pat
     _run(whole, range(6, 12))
     back = ScoreStore.load(str(tmp_path), n=N)
     assert (back.seed, back.exchanges) == (5, 6)
-    assert back.loaded_record["exchanges"] == 6 and back.loaded_record["seed"] == 5
+    assert back.loaded_record.exchanges == 6 and back.loaded_record.seed == 5
     _run(back, range(6, 12))
     assert np.array_equal(back.local_numpy().view(np.uint16), whole.local_numpy().view(np.uint16))
     # Without the counter the continuation would round differently.

@@ -2,8 +2,8 @@
 
     manifest URLS... --out manifest.json [--from tar|stats]
         Build the manifest (shard -> sample count) from tar headers or img2dataset's
-        *_stats.json. URLS may be paths, fsspec URLs, or brace patterns
-        ("s3://b/shards/{00000..00999}.tar").
+        *_stats.json. URLS may be paths, fsspec URLs, or brace patterns as webdataset
+        takes them ("s3://b/shards/{00000..00999}.tar", "{train,extra}/{000..009}.tar").
     fashion-mnist --out DIR --noise 0.4 [--subset N] [--seed S]
     icons --out DIR --noise 0.4 [--heldout 0.1] [--seed S]
     folder --images DIR --captions FILE.csv|.tsv --out DIR [--img-key filepath --caption-key title]
@@ -23,32 +23,59 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dissect_dist.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("manifest")
-    m.add_argument("urls", nargs="+")
-    m.add_argument("--out", required=True)
-    m.add_argument("--from", dest="source", choices=["tar", "stats"], default="tar")
-    f = sub.add_parser("fashion-mnist")
-    f.add_argument("--out", required=True)
-    f.add_argument("--noise", type=float, default=0.4)
-    f.add_argument("--subset", type=int, default=None)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--shard-size", type=int, default=1000)
-    f.add_argument("--source", default=builders.FASHION_MNIST_DIR)
-    i = sub.add_parser("icons")
-    i.add_argument("--out", required=True)
-    i.add_argument("--noise", type=float, default=0.4)
-    i.add_argument("--heldout", type=float, default=0.1)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--size", type=int, default=32)
-    i.add_argument("--shard-size", type=int, default=1000)
-    d = sub.add_parser("folder")
-    d.add_argument("--images", required=True)
-    d.add_argument("--captions", required=True)
-    d.add_argument("--out", required=True)
-    d.add_argument("--sep", default=None)
-    d.add_argument("--img-key", default="filepath")
-    d.add_argument("--caption-key", default="title")
-    d.add_argument("--shard-size", type=int, default=1000)
+    m = sub.add_parser("manifest", help="shard URL -> sample count, for dense sample ids")
+    m.add_argument("urls", nargs="+",
+                   help="shard paths or fsspec URLs; brace lists and ranges are expanded "
+                        "('s3://b/{train,extra}-{00000..00999}.tar')")
+    m.add_argument("--out", required=True, help="the manifest JSON to write")
+    m.add_argument("--from", dest="source", choices=["tar", "stats"], default="tar",
+                   help="count samples from the tar headers, or read img2dataset's "
+                        "*_stats.json beside each shard (default: tar)")
+    f = sub.add_parser("fashion-mnist", help="Fashion-MNIST image-caption pairs with "
+                       "planted noisy captions (train/, test/, classes.json)")
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--noise", type=float, default=0.4,
+                   help="fraction of training pairs given another class's caption, "
+                        "recorded in train/noise_ledger.npy (default: 0.4)")
+    f.add_argument("--subset", type=int, default=None,
+                   help="use this many training images, drawn at random (default: all 60000)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the subset, the noise and the captions (default: 0)")
+    f.add_argument("--shard-size", type=int, default=1000,
+                   help="samples per tar shard (default: 1000)")
+    f.add_argument("--source", default=builders.FASHION_MNIST_DIR,
+                   help="directory holding the *-idx?-ubyte.gz files "
+                        f"(default: {builders.FASHION_MNIST_DIR})")
+    i = sub.add_parser("icons", help="icon glyphs captioned with their names, planted noisy "
+                       "captions and a held-out split (train/, heldout/)")
+    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--noise", type=float, default=0.4,
+                   help="fraction of training pairs given another icon's caption, recorded "
+                        "in train/noise_ledger.npy (default: 0.4)")
+    i.add_argument("--heldout", type=float, default=0.1,
+                   help="fraction of the icons held out for retrieval evaluation "
+                        "(default: 0.1)")
+    i.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the noise and the captions (default: 0)")
+    i.add_argument("--size", type=int, default=32, help="icon image side in pixels "
+                   "(default: 32)")
+    i.add_argument("--shard-size", type=int, default=1000,
+                   help="samples per tar shard (default: 1000)")
+    d = sub.add_parser("folder", help="WebDataset shards from a folder of images and a "
+                       "CSV/TSV of captions")
+    d.add_argument("--images", required=True,
+                   help="directory the caption file's relative image paths start from")
+    d.add_argument("--captions", required=True,
+                   help="CSV or TSV (.tsv/.tab) with an image path and a caption column")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--sep", default=None,
+                   help="column separator (default: tab for .tsv/.tab, else comma)")
+    d.add_argument("--img-key", default="filepath",
+                   help="the image path column (default: filepath)")
+    d.add_argument("--caption-key", default="title",
+                   help="the caption column (default: title)")
+    d.add_argument("--shard-size", type=int, default=1000,
+                   help="samples per tar shard (default: 1000)")
     a = p.parse_args(argv)
     try:
         if a.cmd == "manifest":

@@ -18,6 +18,7 @@ import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ FASHION_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}
                      "a black and white photo of a {}.", "a small photo of a {}.",
                      "a catalogue image of a {}."]
 
-Sample = tuple[bytes, str, str, dict]  # (image bytes, image ext, caption, metadata)
+Sample = tuple[bytes, str, str, dict[str, Any]]  # (image bytes, image ext, caption, metadata)
 
 
 class ShardWriter:
@@ -68,7 +69,7 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, image: bytes, ext: str, caption: str, meta: dict) -> int:
+    def write(self, image: bytes, ext: str, caption: str, meta: dict[str, Any]) -> int:
         """Append one sample; returns its dense id."""
         if self._tar is None or self.counts[-1] >= self.shard_size:
             self._close()
@@ -124,7 +125,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def build_fashion_mnist(out: str, *, noise: float, seed: int = 0, subset: int | None = None,
-                        shard_size: int = 1000, source: str = FASHION_MNIST_DIR) -> dict:
+                        shard_size: int = 1000, source: str = FASHION_MNIST_DIR
+                        ) -> dict[str, Any]:
     src = Path(source)
     if not (src / "train-images-idx3-ubyte.gz").exists():
         raise FileNotFoundError(
@@ -211,7 +213,7 @@ def iter_icons(size: int = 32) -> Iterator[tuple[bytes, str]]:
 
 
 def build_icons(out: str, *, noise: float, seed: int = 0, heldout: float = 0.1,
-                size: int = 32, shard_size: int = 1000, limit: int | None = None) -> dict:
+                size: int = 32, shard_size: int = 1000, limit: int | None = None) -> dict[str, Any]:
     icons = list(iter_icons(size))
     if limit:
         icons = icons[:limit]
@@ -256,7 +258,7 @@ def _rows(path: Path, sep: str | None, img_key: str, cap_key: str) -> Iterable[t
 
 def build_from_folder(out: str, *, images: str, captions: str, sep: str | None = None,
                       img_key: str = "filepath", caption_key: str = "title",
-                      shard_size: int = 1000) -> dict:
+                      shard_size: int = 1000) -> dict[str, Any]:
     from PIL import Image
 
     w = ShardWriter(Path(out), shard_size)

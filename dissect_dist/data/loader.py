@@ -212,10 +212,6 @@ class WebDatasetLoader:
         """Batches per epoch on every rank."""
         return self.manifest.total // (self.spec.world_size * self.spec.batch_size)
 
-    @property
-    def dropped_per_epoch(self) -> int:
-        return self.manifest.total - len(self) * self.spec.world_size * self.spec.batch_size
-
     def __iter__(self) -> Iterator[Batch]:
         if self.cursor >= len(self):
             self.epoch, self.cursor = self.epoch + 1, 0

@@ -156,19 +156,66 @@ def index_shard(url: str, storage_options: dict[str, Any] | None = None) -> TarI
         return scan_tar(f, size)
 
 
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+
+
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
-    """A list of URLs, or one string with {000..123} brace ranges (webdataset style)."""
+    """A list of URLs as it is, or one string with its brace groups expanded left to right
+    as webdataset expands shard URLs: lists ("{train,val}", nestable) and numeric ranges,
+    zero-padded to the first bound's width ("{000..009}"); a group with neither stays as
+    written. "s3://b/{train,val}-{00..01}.tar" -> train-00, train-01, val-00, val-01."""
     if not isinstance(spec, str):
         return list(spec)
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
-    if m is None:
+    group = _first_brace_group(spec)
+    if group is None:
         return [spec]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(expand_urls(spec[: m.start()] + f"{i:0{width}d}" + spec[m.end():]))
-    return out
+    start, end = group
+    head, body, tails = spec[:start], spec[start + 1:end], expand_urls(spec[end + 1:])
+    m = _RANGE.fullmatch(body)
+    if m is not None:
+        lo, hi = m.group(1), m.group(2)
+        if int(lo) > int(hi):
+            raise ManifestError(f"{spec}: brace range {{{lo}..{hi}}} counts down; "
+                                f"write {{{hi}..{lo}}}")
+        middles = [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        alternatives = _split_top_level(body)
+        if len(alternatives) == 1:  # "{abc}": not a group, kept with its braces
+            middles = ["{" + x + "}" for x in expand_urls(body)]
+        else:
+            middles = [x for alt in alternatives for x in expand_urls(alt)]
+    return [head + mid + tail for mid in middles for tail in tails]
+
+
+def _first_brace_group(s: str) -> tuple[int, int] | None:
+    """(index of "{", index of its matching "}") of the first group, None without one."""
+    depth, start = 0, -1
+    for i, c in enumerate(s):
+        if c == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif c == "}":
+            if depth == 0:
+                raise ManifestError(f"{s}: '}}' at position {i} closes no '{{'")
+            depth -= 1
+            if depth == 0:
+                return start, i
+    if depth:
+        raise ManifestError(f"{s}: '{{' at position {start} is never closed")
+    return None
+
+
+def _split_top_level(body: str) -> list[str]:
+    """body split at the commas outside nested braces."""
+    parts, depth, last = [], 0, 0
+    for i, c in enumerate(body):
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(body[last:i])
+            last = i + 1
+    parts.append(body[last:])
+    return parts
 
 
 @dataclasses.dataclass(frozen=True)

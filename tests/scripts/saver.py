@@ -40,7 +40,7 @@ def main() -> None:
         def die(*args: object, **kwargs: object) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        persist.commit = die  # type: ignore[assignment]
+        persist.SnapshotLocation.commit = die  # type: ignore[assignment, method-assign]
         store_for(2).save(root, 2)
     else:
         for step in range(1, int(sys.argv[3]) + 1):
