@@ -117,7 +117,8 @@ class ImagePlan:
         build single rows outside the loader."""
         if self.transform is None:
             raise PlanError("this plan was not compiled from a transform")
-        return self.transform(image)
+        out: torch.Tensor = self.transform(image)
+        return out
 
     # ------------------------------------------------------------------ decoding
     def decode(self, data: bytes) -> torch.Tensor:
@@ -126,7 +127,7 @@ class ImagePlan:
         RNG must be seeded by the caller, as for the transform."""
         from PIL import Image
 
-        im = Image.open(io.BytesIO(data))
+        im: Any = Image.open(io.BytesIO(data))
         w, h = im.size
         if w * h > self.max_pixels:
             raise TooManyPixels(f"{w}x{h} = {w * h} pixels > {self.max_pixels}")
@@ -194,7 +195,7 @@ class ImagePlan:
         else:
             import torchvision.transforms.functional as F
 
-            rh, rw = self._resized(box[3], box[2])
+            rh, rw = self._resized(int(box[3]), int(box[2]))
             im = im.resize((rw, rh), self.resample, box=(0, 0, box[2] / s, box[3] / s))
             if (rh, rw) != self.size:
                 im = F.center_crop(im, list(self.size))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -243,6 +244,7 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             # Random augmentation as a pure function of (seed, epoch, sample id): the same
             # whatever the worker count, and identical after a resume.
             torch.manual_seed((self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
+            res: tuple[Any, ...] | str
             if plan is not None:
                 res = decode_planned(got, plan)
                 if not isinstance(res, str) and res[2]:
@@ -257,7 +259,7 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             captions.append(res[1])
             if self.tokens is not None:
                 rows.append(self.tokens.rows(reader.token_key(shard),
-                                             lambda s=shard: reader.captions(s))[pos])
+                                             functools.partial(reader.captions, shard))[pos])
         if self.tokens is not None and rows:
             texts: Any = torch.from_numpy(np.stack(rows)).to(torch.int64)
         else:

@@ -91,10 +91,10 @@ class TokenCache:
     def rows(self, key: str, captions: Callable[[], Sequence[str]]) -> np.ndarray:
         """(n, context) int32 tokens of one shard; `captions()` (all the shard's
         captions, "" where one is missing) is called only if the shard is not cached."""
-        arr = self._mem.get(key)
-        if arr is not None:
+        hit = self._mem.get(key)
+        if hit is not None:
             self._mem.move_to_end(key)
-            return arr
+            return hit
         path = os.path.join(self.root, key + ".npy")
         if not os.path.exists(path):
             with _locked(path + ".lock"):
@@ -103,7 +103,7 @@ class TokenCache:
                     buf = _npy_bytes(toks.to(torch.int32).numpy())
                     _atomic_write(path, buf)
                     self.built += 1
-        arr = np.load(path, mmap_mode="r")
+        arr: np.ndarray = np.load(path, mmap_mode="r")
         self._mem[key] = arr
         if len(self._mem) > self.keep:
             self._mem.popitem(last=False)
