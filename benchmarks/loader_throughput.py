@@ -1,8 +1,20 @@
-"""Our loader vs a plain webdataset pipeline over the same shards, same decode and
-preprocessing, same tokenizer, same number of workers, side by side in one run; and
-the cost of resuming at 90% of an epoch vs reading up to that point.
+"""Loader throughput on web-like JPEGs at 224 px with open_clip's training transform:
 
-    python benchmarks/loader_throughput.py [--samples 20000] [--workers 2]
+  ours      this checkout's loader: reduced-size JPEG decoding (ImagePlan), captions from
+            the token cache (filled once, before the timed runs), uint8 batches normalised
+            on the device (here the CPU: the normalisation is timed too)
+  main      the loader of another git revision (default `main`), extracted with
+            `git archive` and run as it is: full-size decode, the transform, per-batch
+            tokenisation, float batches
+  wds       plain webdataset: decode("pil") + the same transform + per-batch tokenisation
+  pil       decode only: PIL decodes every JPEG at full size to RGB (the reference floor)
+
+Every measurement runs in a fresh subprocess; the configurations alternate, `--repeats`
+rounds. Per core = samples / CPU seconds of the process and its worker processes; per
+worker = samples/s / workers. Also the cost of resuming ours at 90% of an epoch vs
+reading up to that point.
+
+    python benchmarks/loader_throughput.py [--samples 1000] [--workers 2] [--repeats 3]
 
 Writes benchmarks/results/loader_throughput.json.
 """
@@ -13,60 +25,104 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-
-from dissect_dist.data import Manifest, WebDatasetLoader  # noqa: E402
-from dissect_dist.data.builders import build_fashion_mnist  # noqa: E402
-
-PRE = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(),
-                 T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+CONFIGS = ("ours", "main", "wds", "pil")
+MODEL = "RN50"  # only its transform (224 px, RandomResizedCrop scale 0.9-1) and tokenizer
 
 
-def _tokenizer():
+def _cpu() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _transform_and_tokenizer():
     import open_clip
 
-    return open_clip.get_tokenizer("RN50")
+    _, pre_train, _ = open_clip.create_model_and_transforms(MODEL)
+    return pre_train, open_clip.get_tokenizer(MODEL)
 
 
-def run_ours(m: Manifest, bs: int, workers: int, tok) -> tuple[float, int]:
-    loader = WebDatasetLoader(m, rank=0, world_size=1, batch_size=bs, seed=0,
-                              preprocess=PRE, tokenizer=tok, num_workers=workers)
-    t0 = time.perf_counter()
-    n = sum(len(b.ids) for b in loader)
-    return n / (time.perf_counter() - t0), n
+def _loader(a, m, pre, tok, token_cache):
+    from dissect_dist.data import WebDatasetLoader
+
+    kw = {"token_cache": token_cache} if token_cache else {}
+    return WebDatasetLoader(m, rank=0, world_size=1, batch_size=a.batch_size, seed=0,
+                            preprocess=pre, tokenizer=tok, num_workers=a.workers, **kw)
 
 
-def run_wds(m: Manifest, bs: int, workers: int, tok) -> tuple[float, int]:
-    import webdataset as wds
+def one(a) -> dict:
+    """One timed pass of config `a.one`, in this (fresh) process."""
+    import torch
 
-    ds = (wds.WebDataset(list(m.urls), shardshuffle=False, empty_check=False,
-                         nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
-          .decode("pil").to_tuple("png", "txt").map_tuple(PRE, lambda s: s)
-          .batched(bs, partial=False))
-    loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
-    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    from dissect_dist.data import Manifest
+
+    m = Manifest.load(str(Path(a.data) / "manifest.json"))
+    pre, tok = _transform_and_tokenizer()
     n = 0
-    for images, texts in loader:
-        tok(list(texts))
-        n += images.shape[0]
-    return n / (time.perf_counter() - t0), n
+    if a.one in ("ours", "main"):
+        if a.one == "ours":
+            from dissect_dist.data.decode import ImagePlan
+
+            pre = ImagePlan.from_transform(pre)
+        loader = _loader(a, m, pre, tok, a.token_cache if a.one == "ours" else None)
+        t0, c0 = time.perf_counter(), _cpu()
+        for b in loader:
+            if a.one == "ours":  # what the trainer does with each batch (main's are float)
+                b.images_on("cpu", torch.float32)
+            n += len(b.ids)
+    elif a.one == "wds":
+        import webdataset as wds
+
+        ds = (wds.WebDataset(list(m.urls), shardshuffle=False, empty_check=False,
+                             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+              .decode("pil").to_tuple("jpg", "txt").map_tuple(pre, lambda s: s)
+              .batched(a.batch_size, partial=False))
+        loader = wds.WebLoader(ds, batch_size=None, num_workers=a.workers)
+        t0, c0 = time.perf_counter(), _cpu()
+        for images, texts in loader:
+            tok(list(texts))
+            n += images.shape[0]
+    else:
+        import tarfile
+
+        from PIL import Image
+
+        t0, c0 = time.perf_counter(), _cpu()
+        for url in m.urls:
+            with tarfile.open(url) as tf:
+                for member in tf:
+                    if member.name.endswith(".jpg"):
+                        f = tf.extractfile(member)
+                        assert f is not None
+                        with Image.open(f) as im:
+                            im.convert("RGB")
+                        n += 1
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    import dissect_dist
+
+    return {"samples": n, "wall_s": wall, "cpu_s": cpu, "code": dissect_dist.__file__}
 
 
-def resume_cost(m: Manifest, bs: int, workers: int, tok) -> dict[str, float]:
-    def mk():
-        return WebDatasetLoader(m, rank=0, world_size=1, batch_size=bs, seed=0,
-                                preprocess=PRE, tokenizer=tok, num_workers=workers)
+def resume_cost(a) -> dict[str, float]:
+    import torch
 
-    first = mk()
+    torch.set_num_threads(1)
+    from dissect_dist.data import Manifest
+    from dissect_dist.data.decode import ImagePlan
+
+    m = Manifest.load(str(Path(a.data) / "manifest.json"))
+    pre, tok = _transform_and_tokenizer()
+    plan = ImagePlan.from_transform(pre)
+    first = _loader(a, m, plan, tok, a.token_cache)
     stop = int(0.9 * len(first))
     t0 = time.perf_counter()
     for i, _ in enumerate(first):
@@ -75,7 +131,7 @@ def resume_cost(m: Manifest, bs: int, workers: int, tok) -> dict[str, float]:
     t_read = time.perf_counter() - t0
     state = first.state_dict()
     t0 = time.perf_counter()
-    resumed = mk()
+    resumed = _loader(a, m, plan, tok, a.token_cache)
     resumed.load_state_dict(state)
     next(iter(resumed))
     t_resume = time.perf_counter() - t0
@@ -83,46 +139,104 @@ def resume_cost(m: Manifest, bs: int, workers: int, tok) -> dict[str, float]:
             "resume_to_first_batch_s": t_resume, "ratio": t_resume / t_read}
 
 
+def _baseline(ref: str, into: str) -> str:
+    """The package of git revision `ref`, extracted into `into` (no checkout touched)."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", sha, "dissect_dist", "store"],
+                          check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=arch, check=True)
+    return sha
+
+
+def _run(a, config: str, code: str, extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", config, "--data", a.data,
+           "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+           "--token-cache", a.token_cache, *(extra or [])]
+    env = {**os.environ, "PYTHONPATH": code}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=20000)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--data", default=str(REPO / "data" / "bench-fmnist"))
+    p.add_argument("--samples", type=int, default=1000, help="pairs in the photos set")
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of all configs")
+    p.add_argument("--data", default=str(REPO / "data" / "bench-photos"),
+                   help="the photos set (built here when absent)")
+    p.add_argument("--baseline", default="main", help="git revision whose loader is `main`")
+    p.add_argument("--token-cache", default="", help="token cache directory (default: temp)")
+    p.add_argument("--one", choices=CONFIGS + ("resume",), help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
+                                        "loader_throughput.json"), help="result JSON")
     a = p.parse_args()
-    torch.set_num_threads(1)
-    mpath = Path(a.data) / "train" / "manifest.json"
-    if not mpath.exists():
-        print(f"[loader_throughput] building {a.samples} Fashion-MNIST shards in {a.data}")
-        build_fashion_mnist(a.data, noise=0.0, subset=a.samples, shard_size=1000)
-    m = Manifest.load(str(mpath))
-    tok = _tokenizer()
-    ours, theirs = [], []
-    for r in range(a.repeats):  # alternate, so drift hits both alike
-        ours.append(run_ours(m, a.batch_size, a.workers, tok)[0])
-        theirs.append(run_wds(m, a.batch_size, a.workers, tok)[0])
-        print(f"  repeat {r}: ours {ours[-1]:.0f} samples/s, webdataset {theirs[-1]:.0f}",
-              flush=True)
+    if a.one == "resume":
+        print(json.dumps(resume_cost(a)))
+        return
+    if a.one:
+        print(json.dumps(one(a)))
+        return
+    if not (Path(a.data) / "manifest.json").exists():
+        sys.path.insert(0, str(REPO))
+        from dissect_dist.data.photos import build_photos
+
+        print(f"[loader_throughput] building {a.samples} photo pairs in {a.data}", flush=True)
+        print(build_photos(a.data, samples=a.samples, seed=0), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        a.token_cache = a.token_cache or str(Path(tmp) / "tokens")
+        base_sha = _baseline(a.baseline, tmp)
+        code = {"ours": str(REPO), "main": tmp, "wds": str(REPO), "pil": str(REPO)}
+        cold = _run(a, "ours", code["ours"])  # fills the token cache: reported, not compared
+        print(f"  cold (token cache filled): ours {cold['samples'] / cold['wall_s']:.0f} "
+              "samples/s", flush=True)
+        runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+        for r in range(a.repeats):  # alternate, so drift hits all alike
+            for c in CONFIGS:
+                runs[c].append(_run(a, c, code[c]))
+            print(f"  round {r}: " + ", ".join(
+                f"{c} {runs[c][-1]['samples'] / runs[c][-1]['wall_s']:.0f}/s "
+                f"({runs[c][-1]['samples'] / runs[c][-1]['cpu_s']:.0f}/cpu-s)"
+                for c in CONFIGS), flush=True)
+        resume = _run(a, "resume", code["ours"])
+    table = {}
+    for c in CONFIGS:
+        workers = 1 if c == "pil" else a.workers
+        wall = [x["samples"] / x["wall_s"] for x in runs[c]]
+        core = [x["samples"] / x["cpu_s"] for x in runs[c]]
+        table[c] = {"samples_per_s": wall, "per_core": core,
+                    "per_worker": [w / max(workers, 1) for w in wall],
+                    "median_per_core": statistics.median(core),
+                    "median_samples_per_s": statistics.median(wall), "processes": workers}
+    ratio = {f"ours/{c}_per_core": table["ours"]["median_per_core"] / table[c]["median_per_core"]
+             for c in CONFIGS if c != "ours"}
+    import torch
+
     res = {
         "command": "python benchmarks/loader_throughput.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "gpu": None, "python": platform.python_version(),
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")},
-        "samples": m.total, "shards": len(m.urls), "workers": a.workers,
-        "batch_size": a.batch_size,
-        "ours_samples_per_s": ours, "webdataset_samples_per_s": theirs,
-        "ratio_median": statistics.median(ours) / statistics.median(theirs),
-        "resume": resume_cost(m, a.batch_size, a.workers, tok),
+        "data": a.data, "samples": runs["ours"][0]["samples"], "workers": a.workers,
+        "batch_size": a.batch_size, "model_transform": MODEL, "baseline": base_sha,
+        "cold_ours": cold, "runs": runs, "table": table, "ratios": ratio, "resume": resume,
     }
-    out = REPO / "benchmarks" / "results" / "loader_throughput.json"
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    r = res["resume"]
-    print(f"\nthroughput: ours {statistics.median(ours):.0f} vs webdataset "
-          f"{statistics.median(theirs):.0f} samples/s -> {res['ratio_median']:.2f}x (target >= 0.9)")
-    print(f"resume at 90%: {r['resume_to_first_batch_s']:.2f}s to the first batch vs "
-          f"{r['read_to_90pct_s']:.2f}s reading up to it -> {r['ratio']:.3f}x (target <= 0.1)")
+    print("\n| loader | samples/s | per worker | per core (samples/CPU-s) |")
+    print("|---|---|---|---|")
+    for c in CONFIGS:
+        t = table[c]
+        print(f"| {c} | {t['median_samples_per_s']:.0f} | "
+              f"{statistics.median(t['per_worker']):.0f} | {t['median_per_core']:.0f} |")
+    print(f"\nours per core: {ratio['ours/main_per_core']:.2f}x main (target >= 2.5), "
+          f"{ratio['ours/pil_per_core']:.2f}x decode-only PIL (target >= 1), "
+          f"{ratio['ours/wds_per_core']:.2f}x webdataset")
+    print(f"resume at 90%: {resume['resume_to_first_batch_s']:.2f}s to the first batch vs "
+          f"{resume['read_to_90pct_s']:.2f}s reading up to it -> {resume['ratio']:.3f}x "
+          "(target <= 0.1)")
     print(f"wrote {out}")
 
 

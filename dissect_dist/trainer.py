@@ -22,6 +22,7 @@ from dissect_dist import checkpoint
 from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig
 from dissect_dist.data import Manifest, WebDatasetLoader
+from dissect_dist.data.decode import ImagePlan
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink
 from dissect_dist.observers import (
@@ -57,12 +58,16 @@ class Trainer:
         self.ckpt_root = str(self.run_dir / "checkpoints")
         self.model, pre_train, pre_eval, tokenizer = modellib.create(
             cfg.model.name, cfg.model.pretrained, attention=cfg.model.attention)
+        # Reduced-size JPEG decoding, uint8 batches normalised on the device (data/decode.py).
+        pre_train, pre_eval = ImagePlan.from_transform(pre_train), \
+            ImagePlan.from_transform(pre_eval)
         self.manifest = Manifest.load(cfg.data.train_manifest)
         self.loader = WebDatasetLoader(
             self.manifest, rank=self.rank, world_size=self.world,
             batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
             tokenizer=tokenizer, num_workers=cfg.data.workers,
-            shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda")
+            shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda",
+            token_cache=str(self.run_dir / "tokens"))
         # How far the run has got, in samples (see dissect_dist/optim.py): a resume with
         # another world size ends after the same epochs, on the same learning-rate curve.
         self.progress = Progress(samples_seen=0, ref_batch=self.world * cfg.data.batch_size)
@@ -149,8 +154,7 @@ class Trainer:
         # Page-locked on CUDA (the loader pins), so the copies run asynchronously.
         ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
-        images = batch.images.to(self.device, non_blocking=True).to(self.dtype) if b \
-            else batch.images
+        images = batch.images_on(self.device, self.dtype) if b else batch.images
         texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
         strat = self.selector.strategy
         curr = loss_i = None

@@ -7,6 +7,8 @@
     fashion-mnist --out DIR --noise 0.4 [--subset N] [--seed S]
     icons --out DIR --noise 0.4 [--heldout 0.1] [--seed S]
     folder --images DIR --captions FILE.csv|.tsv --out DIR [--img-key filepath --caption-key title]
+    photos --out DIR --samples N [--seed S]
+        Web-like JPEG/caption pairs from scikit-image's bundled photographs (benchmarks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 
 from dissect_dist.data import builders
 from dissect_dist.data.manifest import Manifest, ManifestError, expand_urls
+from dissect_dist.data.photos import build_photos
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the caption column (default: title)")
     d.add_argument("--shard-size", type=int, default=1000,
                    help="samples per tar shard (default: 1000)")
+    ph = sub.add_parser("photos", help="web-like JPEG/caption pairs for loader benchmarks")
+    ph.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    ph.add_argument("--samples", type=int, required=True, help="number of pairs to write")
+    ph.add_argument("--seed", type=int, default=0, help="seed of crops, sizes and captions")
+    ph.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     a = p.parse_args(argv)
     try:
         if a.cmd == "manifest":
@@ -91,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.cmd == "icons":
             res = builders.build_icons(a.out, noise=a.noise, seed=a.seed, heldout=a.heldout,
                                        size=a.size, shard_size=a.shard_size)
+        elif a.cmd == "photos":
+            res = build_photos(a.out, samples=a.samples, seed=a.seed, shard_size=a.shard_size)
         else:
             res = builders.build_from_folder(a.out, images=a.images, captions=a.captions,
                                              sep=a.sep, img_key=a.img_key,

@@ -1,6 +1,11 @@
 """The training data loader: (ids, images, texts) batches over WebDataset shards, in
 the deterministic order of `order.py`, resumable mid-epoch from a cursor.
 
+Given an `ImagePlan` (decode.py) as preprocess, images are decoded at reduced JPEG
+scale and batched as uint8 (normalised on the device by `Batch.images_on`); given any
+other callable, each image is decoded at full size and passed through it. Given a
+`TokenCache` (tokens.py), captions are tokenised once per shard and read back after.
+
 Workers only parallelise decoding: worker k of K decodes the rank's batches
 cursor+k, cursor+k+K, ... and torch's DataLoader hands them out round-robin, which
 is batch order. Reading goes through fsspec with a per-shard header index, so
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -21,22 +27,35 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dissect_dist.data.decode import ImagePlan, TooManyPixels, to_rgb
 from dissect_dist.data.manifest import IMAGE_EXTS, Manifest, ManifestError, TarIndex, scan_tar
 from dissect_dist.data.order import OrderSpec, rank_batches, worker_batches
+from dissect_dist.data.tokens import TokenCache
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 SKIP_REASONS = ("missing_image", "undecodable_image", "missing_caption", "empty_caption",
-                "truncated")
+                "truncated", "too_many_pixels")
+# Not skips: a JPEG that reduced-size decoding rejected was decoded at full size instead.
+RETRY_REASON = "full_size_retry"
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
 
 
 @dataclasses.dataclass
 class Batch:
     index: int  # batch number within the epoch, on this rank
     ids: torch.Tensor  # (k,) int64 global sample ids, k <= batch_size (bad samples skipped)
-    images: torch.Tensor  # (k, C, H, W)
+    images: torch.Tensor  # (k, C, H, W): uint8 under an ImagePlan, else preprocess's output
     texts: Any  # tokenizer output for k captions (a (k, L) int64 tensor for open_clip)
     captions: list[str]
+    plan: ImagePlan | None = None  # set when images are uint8 still to be normalised
+
+    def images_on(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The images on `device` as `dtype`: uint8 ones are copied as uint8 and
+        normalised there (bit-identical to ToTensor + Normalize, see ImagePlan.normalize)."""
+        if self.plan is not None:
+            return self.plan.normalize(self.images, device, dtype)
+        return self.images.to(device, non_blocking=True).to(dtype)
 
 
 class ShardReader:
@@ -47,6 +66,7 @@ class ShardReader:
         self.manifest = manifest
         self.opts = storage_options or {}
         self._index: dict[int, TarIndex] = {}
+        self._token_keys: dict[int, str] = {}
         self._files: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.max_open = max_open
 
@@ -92,47 +112,114 @@ class ShardReader:
             out[ext] = f.read(m.size)
         return s.key, out
 
+    def captions(self, shard: int) -> list[str]:
+        """Every caption of a shard in position order ("" where missing or not UTF-8)."""
+        idx = self.index(shard)
+        f = self._file(shard)
+        out = []
+        for s in idx.samples:
+            m = s.members.get("txt")
+            text = ""
+            if m is not None:
+                f.seek(m.offset)
+                try:
+                    text = f.read(m.size).decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    pass
+            out.append(text)
+        return out
+
+    def token_key(self, shard: int) -> str:
+        key = self._token_keys.get(shard)
+        if key is None:
+            url = self.manifest.urls[shard]
+            fs, path = fsspec.core.url_to_fs(url, **self.opts)
+            key = TokenCache.shard_key(url, int(self.manifest.counts[shard]), int(fs.size(path)))
+            self._token_keys[shard] = key
+        return key
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
 
 
-def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], torch.Tensor]
-                  ) -> tuple[torch.Tensor, str] | str:
-    """(image tensor, caption) or the skip reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if ext is None:
-        return "missing_image"
+def _caption(members: dict[str, bytes]) -> str:
+    """The caption, or the skip reason prefixed by "!"."""
+    if not any(e in members for e in IMAGE_EXTS):
+        return "!missing_image"
     if "txt" not in members:
-        return "missing_caption"
+        return "!missing_caption"
     try:
         caption = members["txt"].decode("utf-8").strip()
     except UnicodeDecodeError:
-        return "missing_caption"
-    if not caption:
-        return "empty_caption"
+        return "!missing_caption"
+    return caption or "!empty_caption"
+
+
+def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], torch.Tensor],
+                  max_pixels: int | None = None) -> tuple[torch.Tensor, str] | str:
+    """(image tensor, caption) or the skip reason: full-size decode, upright (EXIF
+    orientation applied), RGB, through `preprocess`."""
+    from PIL import Image, ImageOps
+
+    caption = _caption(members)
+    if caption.startswith("!"):
+        return caption[1:]
+    ext = next(e for e in IMAGE_EXTS if e in members)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(members[ext])) as im:
+            if limit and im.width * im.height > limit:
+                return "too_many_pixels"
             im.load()
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            image = to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError:
+        return "too_many_pixels"
+    except _DECODE_ERRORS:
         return "undecodable_image"
     return preprocess(image), caption
+
+
+def decode_planned(members: dict[str, bytes], plan: ImagePlan
+                   ) -> tuple[torch.Tensor, str, bool] | str:
+    """(uint8 image, caption, retried at full size) or the skip reason. The torch RNG
+    state is saved before a reduced-size decode so that a full-size retry draws the
+    same crop."""
+    from PIL import Image
+
+    caption = _caption(members)
+    if caption.startswith("!"):
+        return caption[1:]
+    data = members[next(e for e in IMAGE_EXTS if e in members)]
+    rng = torch.get_rng_state()
+    try:
+        return plan.decode(data), caption, False
+    except (TooManyPixels, Image.DecompressionBombError):
+        return "too_many_pixels"
+    except _DECODE_ERRORS:
+        if not plan.draft:
+            return "undecodable_image"
+    torch.set_rng_state(rng)
+    try:
+        return plan.decode_full(data), caption, True
+    except (TooManyPixels, Image.DecompressionBombError):
+        return "too_many_pixels"
+    except _DECODE_ERRORS:
+        return "undecodable_image"
 
 
 class _EpochStream(IterableDataset):  # type: ignore[type-arg]
     """What each DataLoader worker runs: its share of one rank's remaining batches."""
 
     def __init__(self, manifest: Manifest, spec: OrderSpec, epoch: int, rank: int,
-                 cursor: int, preprocess: Callable[[Any], torch.Tensor],
+                 cursor: int, preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
                  tokenizer: Callable[[list[str]], Any] | None,
-                 storage_options: dict[str, Any] | None) -> None:
+                 storage_options: dict[str, Any] | None,
+                 tokens: TokenCache | None = None) -> None:
         self.manifest, self.spec, self.epoch, self.rank = manifest, spec, epoch, rank
         self.cursor, self.preprocess, self.tokenizer = cursor, preprocess, tokenizer
-        self.opts = storage_options
+        self.opts, self.tokens = storage_options, tokens
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -147,7 +234,8 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
 
     def _make(self, j: int, ids: np.ndarray, reader: ShardReader) -> dict[str, Any]:
         shards, positions = self.manifest.locate(ids)
-        kept, images, captions, skipped = [], [], [], []
+        plan = self.preprocess if isinstance(self.preprocess, ImagePlan) else None
+        kept, images, captions, skipped, rows = [], [], [], [], []
         for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
             key, got = reader.read(shard, pos)
             if isinstance(got, str):
@@ -155,19 +243,35 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
                 continue
             # Random augmentation as a pure function of (seed, epoch, sample id): the same
             # whatever the worker count, and identical after a resume.
-            torch.manual_seed((self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
-            res = decode_sample(got, self.preprocess)
+            # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding,
+            # whose stack capture costs more than a reduced-size decode.
+            torch.default_generator.manual_seed(
+                (self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
+            res: tuple[Any, ...] | str
+            if plan is not None:
+                res = decode_planned(got, plan)
+                if not isinstance(res, str) and res[2]:
+                    skipped.append((RETRY_REASON, self.manifest.urls[shard], key))
+            else:
+                res = decode_sample(got, self.preprocess)  # type: ignore[arg-type]
             if isinstance(res, str):
                 skipped.append((res, self.manifest.urls[shard], key))
                 continue
             kept.append(sid)
             images.append(res[0])
             captions.append(res[1])
+            if self.tokens is not None:
+                rows.append(self.tokens.rows(reader.token_key(shard),
+                                             functools.partial(reader.captions, shard))[pos])
+        if self.tokens is not None and rows:
+            texts: Any = torch.from_numpy(np.stack(rows)).to(torch.int64)
+        else:
+            texts = self.tokenizer(captions) if (self.tokenizer and captions) else captions
         return {
             "index": j,
             "ids": torch.tensor(kept, dtype=torch.int64),
             "images": torch.stack(images) if images else torch.empty(0),
-            "texts": self.tokenizer(captions) if (self.tokenizer and captions) else captions,
+            "texts": texts,
             "captions": captions,
             "skipped": skipped,
         }
@@ -182,10 +286,10 @@ class WebDatasetLoader:
     """
 
     def __init__(self, manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
-                 seed: int, preprocess: Callable[[Any], torch.Tensor],
+                 seed: int, preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
                  tokenizer: Callable[[list[str]], Any] | None = None, num_workers: int = 2,
                  shuffle_window: int = 4, storage_options: dict[str, Any] | None = None,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, token_cache: str | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if num_workers < 0:
@@ -195,13 +299,20 @@ class WebDatasetLoader:
         self.spec = OrderSpec(seed=seed, world_size=world_size, batch_size=batch_size,
                               window=shuffle_window)
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        if token_cache is not None and tokenizer is None:
+            raise ValueError(f"token_cache={token_cache!r} needs a tokenizer")
+        # Captions tokenised once per shard into this directory (None: per batch).
+        self.tokens = TokenCache(token_cache, tokenizer) \
+            if token_cache is not None and tokenizer is not None else None
+        self.plan = preprocess if isinstance(preprocess, ImagePlan) else None
         self.num_workers = num_workers
         self.pin_memory = pin_memory  # page-locked batches, for asynchronous copies to a GPU
         self.opts = storage_options
         self.epoch = 0
         self.cursor = 0  # batches of this epoch already handed out
         self.skipped: collections.Counter[str] = collections.Counter()
-        self._logged: set[tuple[str, str]] = set()
+        self.retried: collections.Counter[str] = collections.Counter()  # decoded, not skipped
+        self._logged: set[tuple[str, str, str]] = set()
         if len(self) == 0:
             raise ValueError(
                 f"{manifest.total} samples cannot fill one global batch of "
@@ -216,7 +327,7 @@ class WebDatasetLoader:
         if self.cursor >= len(self):
             self.epoch, self.cursor = self.epoch + 1, 0
         stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
-                              self.preprocess, self.tokenizer, self.opts)
+                              self.preprocess, self.tokenizer, self.opts, self.tokens)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, pin_memory=self.pin_memory)
         for item in loader:
@@ -225,14 +336,18 @@ class WebDatasetLoader:
             self._account(item["skipped"])
             self.cursor += 1
             yield Batch(item["index"], item["ids"], item["images"], item["texts"],
-                        item["captions"])
+                        item["captions"], self.plan)
 
     def _account(self, skipped: list[tuple[str, str, str]]) -> None:
         for reason, shard, key in skipped:
-            self.skipped[reason] += 1
-            if (shard, key) not in self._logged:
-                self._logged.add((shard, key))
-                log.warning("skipped sample %s in %s: %s", key, shard, reason)
+            (self.retried if reason == RETRY_REASON else self.skipped)[reason] += 1
+            if (shard, key, reason) not in self._logged:
+                self._logged.add((shard, key, reason))
+                if reason == RETRY_REASON:
+                    log.warning("sample %s in %s: reduced-size JPEG decoding failed, decoded "
+                                "at full size", key, shard)
+                else:
+                    log.warning("skipped sample %s in %s: %s", key, shard, reason)
 
     def state_dict(self) -> dict[str, Any]:
         return {

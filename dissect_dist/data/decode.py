@@ -1,0 +1,246 @@
+"""The image fast path: a torchvision/open_clip transform compiled into an `ImagePlan`
+that decodes each JPEG at the smallest DCT scale that still covers the output, crops
+and resizes with PIL, and returns uint8 (3, H, W) tensors; the float conversion and
+normalisation run on the training device (`ImagePlan.normalize`).
+
+Why the crop distribution is unchanged. RandomResizedCrop draws its box (top, left,
+height, width) from the image's height and width only, through torch's global RNG.
+The plan reads the full-size geometry from the JPEG header (after the EXIF orientation,
+which only swaps the two sides) before anything is decoded, seeds nothing itself, and
+calls torchvision's own `RandomResizedCrop.get_params` with that geometry: the same
+draws from the same RNG state give the same box, sample by sample, with or without
+reduced decoding. Only then is the decode scale chosen, as the largest s in
+{8, 4, 2, 1} with box height / s >= output height and box width / s >= output width;
+libjpeg's DCT scaling at 1/s maps full-size coordinate x to x / s, so the box is
+divided by s and the crop's content is the same region of the photograph, resampled
+from fewer source pixels (never fewer than the output has: the resize still only
+shrinks). At s = 1 the pixels are bit-identical to the full-decode transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from dissect_dist.data.manifest import IMAGE_EXTS
+
+JPEG_SCALES = (8, 4, 2, 1)  # libjpeg's DCT scaling factors that PIL's draft exposes
+# EXIF orientation tag -> the PIL transpose that shows the image upright (EXIF 2.3, tag 0x0112).
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+
+
+class PlanError(ValueError):
+    """A transform the fast path cannot reproduce."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """What the fast path does to every image; see the module docstring.
+
+    kind "random_resized_crop": torchvision's RandomResizedCrop(size, scale, ratio).
+    kind "resize_center_crop": Resize(resize) (shorter side, max_size None) then
+    CenterCrop(size) (open_clip's eval transform), or Resize((h, w)) alone (size = resize).
+    """
+
+    kind: str
+    size: tuple[int, int]  # (h, w) of the output
+    resample: int  # PIL resampling filter
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize: int | tuple[int, int] = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True  # reduced-size JPEG decoding; False decodes every JPEG at full size
+    transform: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_transform(cls, transform: Any, *, draft: bool = True,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePlan:
+        """Compile a torchvision Compose (open_clip's train or eval transform). Raises
+        PlanError naming the first step it cannot reproduce."""
+        import torchvision.transforms as T
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        steps = list(getattr(transform, "transforms", [transform]))
+        geo: dict[str, Any] = {}
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+        std: tuple[float, ...] = (1.0, 1.0, 1.0)
+        to_tensor = False
+        for step in steps:
+            name = type(step).__name__
+            if isinstance(step, T.RandomResizedCrop) and not geo:
+                geo = {"kind": "random_resized_crop", "size": tuple(step.size),
+                       "scale": tuple(step.scale), "ratio": tuple(step.ratio),
+                       "resample": pil_modes_mapping[step.interpolation]}
+            elif isinstance(step, T.Resize) and not geo and step.max_size is None:
+                r = step.size
+                r = r[0] if isinstance(r, (list, tuple)) and len(r) == 1 else r
+                geo = {"kind": "resize_center_crop", "resize": r if isinstance(r, int)
+                       else (int(r[0]), int(r[1])),
+                       "size": (r, r) if isinstance(r, int) else (int(r[0]), int(r[1])),
+                       "resample": pil_modes_mapping[step.interpolation]}
+            elif isinstance(step, T.CenterCrop) and geo.get("kind") == "resize_center_crop" \
+                    and "crop" not in geo:
+                geo["size"] = geo["crop"] = tuple(step.size)
+            elif (name == "MaybeConvertMode" and getattr(step, "mode", "RGB") == "RGB") or \
+                    getattr(step, "__name__", "") == "_convert_to_rgb":
+                continue  # the plan always converts to RGB
+            elif isinstance(step, T.ToTensor) and not to_tensor:
+                to_tensor = True
+            elif isinstance(step, T.Normalize) and to_tensor and not step.inplace:
+                mean, std = tuple(map(float, step.mean)), tuple(map(float, step.std))
+            else:
+                raise PlanError(
+                    f"transform step {step!r} is not one the JPEG fast path reproduces "
+                    "(it knows RandomResizedCrop, Resize + CenterCrop, RGB conversion, "
+                    "ToTensor, Normalize, in that order): pass the transform itself as "
+                    "preprocess to decode at full size through it")
+        if not geo or not to_tensor:
+            missing = "resize or crop" if not geo else "ToTensor"
+            raise PlanError(f"transform {transform!r} has no {missing} step: the fast path "
+                            "needs both")
+        geo.pop("crop", None)
+        geo["size"] = (int(geo["size"][0]), int(geo["size"][1]))
+        return cls(**geo, mean=mean, std=std, draft=draft, max_pixels=max_pixels,
+                   transform=transform)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """The original transform on a PIL image (float, normalised), for callers that
+        build single rows outside the loader."""
+        if self.transform is None:
+            raise PlanError("this plan was not compiled from a transform")
+        out: torch.Tensor = self.transform(image)
+        return out
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, data: bytes) -> torch.Tensor:
+        """uint8 (3, H, W) from encoded image bytes. Raises OSError/ValueError (or
+        PIL's UnidentifiedImageError / DecompressionBombError) on bad input; the torch
+        RNG must be seeded by the caller, as for the transform."""
+        from PIL import Image
+
+        im: Any = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > self.max_pixels:
+            raise TooManyPixels(f"{w}x{h} = {w * h} pixels > {self.max_pixels}")
+        orient = _orientation(im)
+        if orient in (5, 6, 7, 8):
+            w, h = h, w  # the upright geometry the transform would see
+        box = self._box(h, w)  # (left, top, right, bottom) on the upright full-size image
+        out_h, out_w = self.size
+        if self.kind == "random_resized_crop":
+            need_w, need_h = box[2] - box[0], box[3] - box[1]
+        else:  # the whole image is resized to the `_resized` geometry, then cropped
+            need_w, need_h = w, h
+            out_h, out_w = self._resized(h, w)
+        s = 1
+        if self.draft and im.format in ("JPEG", "MPO"):
+            s = next(a for a in JPEG_SCALES if need_w >= a * out_w and need_h >= a * out_h)
+            if s > 1:
+                # In the stored (not upright) orientation; the scale applies to both sides.
+                sw, sh = im.size
+                _, dbox = im.draft("RGB", (sw // s, sh // s))  # type: ignore[misc]
+                got = sw / dbox[2]
+                if abs(got - s) > 1e-9:
+                    raise ValueError(f"reduced JPEG decoding gave scale 1/{got}, wanted 1/{s}")
+        im.load()
+        if orient in _ORIENTATION:
+            im = im.transpose(getattr(Image.Transpose, _ORIENTATION[orient]))
+        im = to_rgb(im)
+        return self._finish(im, box, s)
+
+    def decode_full(self, data: bytes) -> torch.Tensor:
+        """As decode, at full size (no DCT scaling): the retry for a JPEG that reduced
+        decoding rejects."""
+        return dataclasses.replace(self, draft=False).decode(data)
+
+    def _box(self, h: int, w: int) -> tuple[float, float, float, float]:
+        if self.kind == "random_resized_crop":
+            import torchvision.transforms as T
+
+            # torchvision reads only the geometry: a stride-0 view stands in for the image.
+            i, j, bh, bw = T.RandomResizedCrop.get_params(
+                torch.empty(1).expand(3, h, w), list(self.scale), list(self.ratio))
+            return (j, i, j + bw, i + bh)
+        return (0, 0, w, h)
+
+    def _resized(self, h: int, w: int) -> tuple[int, int]:
+        """Resize's output geometry, by torchvision's rule (shorter side to `resize`, the
+        longer side truncated)."""
+        if isinstance(self.resize, tuple):
+            return self.resize
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize * long / short)
+        return (new_long, self.resize) if w <= h else (self.resize, new_long)
+
+    def _finish(self, im: Any, box: tuple[float, float, float, float], s: int) -> torch.Tensor:
+        if self.kind == "random_resized_crop":
+            # Crop the covering whole-pixel box of the reduced image, then resample the
+            # exact (fractional) box from it; at s = 1 this is crop + resize, as torchvision.
+            x0, y0, x1, y1 = (v / s for v in box)
+            left, top = math.floor(x0), math.floor(y0)
+            right, bottom = min(math.ceil(x1), im.width), min(math.ceil(y1), im.height)
+            im = im.crop((left, top, right, bottom))
+            im = im.resize((self.size[1], self.size[0]), self.resample,
+                           box=(x0 - left, y0 - top, min(x1, right) - left,
+                                min(y1, bottom) - top))
+        else:
+            import torchvision.transforms.functional as F
+
+            rh, rw = self._resized(int(box[3]), int(box[2]))
+            im = im.resize((rw, rh), self.resample, box=(0, 0, box[2] / s, box[3] / s))
+            if (rh, rw) != self.size:
+                im = F.center_crop(im, list(self.size))
+        arr = np.asarray(im)  # (H, W, 3) uint8
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    # ------------------------------------------------------------------ on the device
+    def normalize(self, images: torch.Tensor, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (k, 3, H, W) -> normalised `dtype` on `device`: the same float32
+        operations as ToTensor + Normalize (x / 255, then (x - mean) / std), so the
+        values are bit-identical to the CPU transform's before the cast to `dtype`."""
+        x = images.to(device, non_blocking=True).to(torch.float32).div(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device)
+        return x.sub_(mean[:, None, None]).div_(std[:, None, None]).to(dtype)
+
+
+class TooManyPixels(ValueError):
+    """The header's geometry is over the plan's decompression-bomb limit."""
+
+
+def _orientation(im: Any) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1  # unreadable EXIF: show as stored
+
+
+def to_rgb(im: Any) -> Any:
+    """RGB from any PIL mode, 16-bit and 32-bit integer greyscale scaled to 8 bits
+    (PIL's own conversion clips them at 255, which whitens most of the picture)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.int64)
+        top = 65535 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        from PIL import Image
+
+        arr8 = (np.clip(arr, 0, top) * 255 // max(top, 1)).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if im.mode in ("P", "PA", "LA", "RGBA") or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    return next((e for e in IMAGE_EXTS if e in members), None)
