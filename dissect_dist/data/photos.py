@@ -105,7 +105,8 @@ def make_photo(src: Any, rng: np.random.Generator) -> tuple[bytes, dict[str, Any
                             "progressive": progressive}
 
 
-def build_photos(out: str, *, samples: int, seed: int = 0, shard_size: int = 1000) -> dict[str, Any]:
+def build_photos(out: str, *, samples: int, seed: int = 0, shard_size: int = 1000
+                 ) -> dict[str, Any]:
     """`samples` pairs into OUT/shard-*.tar + OUT/manifest.json."""
     from PIL import Image
 
