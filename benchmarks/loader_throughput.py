@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,7 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/loader_throughput.py
+    import common  # type: ignore[no-redef]
+
+REPO = common.REPO
 CONFIGS = ("ours", "main", "wds", "pil")
 MODEL = "RN50"  # only its transform (224 px, RandomResizedCrop scale 0.9-1) and tokenizer
 
@@ -180,7 +184,6 @@ def main() -> None:
         print(json.dumps(one(a)))
         return
     if not (Path(a.data) / "manifest.json").exists():
-        sys.path.insert(0, str(REPO))
         from dissect_dist.data.photos import build_photos
 
         print(f"[loader_throughput] building {a.samples} photo pairs in {a.data}", flush=True)
@@ -212,19 +215,14 @@ def main() -> None:
                     "median_samples_per_s": statistics.median(wall), "processes": workers}
     ratio = {f"ours/{c}_per_core": table["ours"]["median_per_core"] / table[c]["median_per_core"]
              for c in CONFIGS if c != "ours"}
-    import torch
-
     res = {
         "command": "python benchmarks/loader_throughput.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "gpu": None, "python": platform.python_version(),
-                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")},
+        "machine": {**common.machine_info(), "date": time.strftime("%Y-%m-%d %H:%M")},
         "data": a.data, "samples": runs["ours"][0]["samples"], "workers": a.workers,
         "batch_size": a.batch_size, "model_transform": MODEL, "baseline": base_sha,
         "cold_ours": cold, "runs": runs, "table": table, "ratios": ratio, "resume": resume,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    common.write_json(Path(a.out), res)
     print("\n| loader | samples/s | per worker | per core (samples/CPU-s) |")
     print("|---|---|---|---|")
     for c in CONFIGS:
@@ -237,7 +235,7 @@ def main() -> None:
     print(f"resume at 90%: {resume['resume_to_first_batch_s']:.2f}s to the first batch vs "
           f"{resume['read_to_90pct_s']:.2f}s reading up to it -> {resume['ratio']:.3f}x "
           "(target <= 0.1)")
-    print(f"wrote {out}")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

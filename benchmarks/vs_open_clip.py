@@ -36,8 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __package__:
+    from benchmarks import common
+else:  # run as a file: python benchmarks/vs_open_clip.py
+    import common  # type: ignore[no-redef]
+
+REPO = common.REPO
 
 # "Train Epoch: 0 [ 1280/10240 (12%)] Data (t): 0.081 Batch (t): 0.653, ..."
 LOG_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Data \(t\): ([\d.]+) "
@@ -172,12 +176,8 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
            "threads": a.threads, "workers": a.workers, "precision": a.precision,
            "steps": a.steps, "log_every": a.log_every, "ours_override": a.ours_override,
-           "runs": runs, "table": table}
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+           "runs": runs, "table": table, "machine": common.machine_info()}
+    common.write_json(Path(a.out), res)
     print("\n| model | batch | ours samples/s | open_clip_train samples/s | ratio (medians) |\n"
           "|---|---|---|---|---|")
     for t in table:
@@ -185,7 +185,7 @@ def main() -> None:
         print(f"| {t['model']} | {t['batch']} | {fmt(f'{x:.0f}' for x in t['samples_per_s']['ours'])}"
               f" | {fmt(f'{x:.0f}' for x in t['samples_per_s']['open_clip_train'])}"
               f" | **{t['ratio_of_medians']:.2f}x** |")
-    print(f"wrote {path}")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 from dissect_dist import checkpoint
 from dissect_dist.data.builders import build_fashion_mnist
 from store import ScoreStore
+from store.persist import step_name
 from tests import netns
 
 pytestmark = [pytest.mark.multinode, pytest.mark.multirank, pytest.mark.slow]
@@ -126,7 +127,7 @@ def _wait_for_step(run: Path, step: int, c: Cluster, timeout: float = 200) -> No
 
 
 def _final_state(run: Path, step: int = STEPS) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    tag = run / "checkpoints" / checkpoint.tag_for(step)
+    tag = run / "checkpoints" / step_name(step)
     scores = ScoreStore.load(str(tag / "scores")).local_numpy()
     model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     return scores, model["module"]
@@ -157,7 +158,7 @@ def reference(hosts, data, tmp_path_factory) -> Path:
     _run(hosts, _args(data, run), run / "logs")
     rows = [x for x in _metrics(run) if x["kind"] == "train"]
     assert [x["step"] for x in rows] == list(range(1, STEPS + 1))
-    info = json.loads((run / "checkpoints" / checkpoint.tag_for(STEPS) / "run.json").read_text())
+    info = json.loads((run / "checkpoints" / step_name(STEPS) / "run.json").read_text())
     assert info["world_size"] == 4
     # ranks 2 and 3 ran in host 2's namespace: the launcher there names only them
     assert "dist_world_size=4" in (run / "logs" / "host2.log").read_text()
@@ -169,7 +170,7 @@ def _copy_until(src: Path, dst: Path, step: int) -> None:
     shutil.copytree(src / "checkpoints", dst / "checkpoints",
                     ignore=lambda d, names: [n for n in names if re.fullmatch(r"step-\d+", n)
                                              and int(n.split("-")[1]) > step])
-    (dst / "checkpoints" / "latest").write_text(checkpoint.tag_for(step))
+    (dst / "checkpoints" / "latest").write_text(step_name(step))
     rows = [x for x in (src / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["step"] <= step]
     (dst / "metrics.jsonl").write_text("".join(x + "\n" for x in rows))
@@ -179,7 +180,7 @@ def test_two_hosts_resume_from_a_checkpoint_bit_exactly(hosts, data, reference, 
     run = tmp_path / "resumed"
     _copy_until(reference, run, 20)
     _run(hosts, _args(data, run, "--resume", "latest"), run / "logs")
-    assert "resumed from " + checkpoint.tag_for(20) in (run / "logs" / "host1.log").read_text()
+    assert "resumed from " + step_name(20) in (run / "logs" / "host1.log").read_text()
     _assert_same_result(reference, run)
 
 
@@ -208,8 +209,8 @@ def test_host_lost_mid_run_ends_within_the_timeout_and_resumes_bit_exactly(
     rank, who, last = lines[0].groups()
     assert rank == "0" and who == "lost rank(s) 2, 3 (no heartbeat)", lines[0].group(0)
     tag = _committed(run)
-    assert last == str(run / "checkpoints" / tag) and tag in (checkpoint.tag_for(10),
-                                                               checkpoint.tag_for(20))
+    assert last == str(run / "checkpoints" / tag) and tag in (step_name(10),
+                                                               step_name(20))
     _run(hosts, _args(data, run, "--resume", "latest"), run / "logs-resume")
     _assert_same_result(reference, run)
 
@@ -245,7 +246,7 @@ def test_network_cut_recovers_or_ends_cleanly_and_never_loads_a_torn_save(
     if during == "step":
         _wait_for_step(run, 13, c)
     else:  # rank 0 makes the tag directory first, then every rank writes into it
-        tag = run / "checkpoints" / checkpoint.tag_for(20)
+        tag = run / "checkpoints" / step_name(20)
         deadline = time.time() + 200
         while not tag.exists():
             assert time.time() < deadline and all(p.poll() is None for p in c.procs)
@@ -301,7 +302,7 @@ def test_four_ranks_on_two_hosts_resume_on_one_host_with_two(hosts, data, refere
     run = tmp_path / "shrunk"
     _copy_until(reference, run, 20)  # two epochs of 10 steps at 4 ranks
     _run(hosts[:1], _args(data, run, "--resume", "latest"), run / "logs")
-    assert "resumed from " + checkpoint.tag_for(20) in (run / "logs" / "host1.log").read_text()
+    assert "resumed from " + step_name(20) in (run / "logs" / "host1.log").read_text()
     assert _train_rows(run)[-1]["step"] == 20 + 2 * 20  # two more epochs of 20 steps
     _assert_same_curve(reference, run, 20, world=2)
 
@@ -312,6 +313,6 @@ def test_two_ranks_on_one_host_resume_on_two_hosts_with_four(hosts, data, refere
     run = tmp_path / "grown"
     _copy_until(small, run, 20)  # one epoch of 20 steps at 2 ranks
     _run(hosts, _args(data, run, "--resume", "latest"), run / "logs")
-    assert "resumed from " + checkpoint.tag_for(20) in (run / "logs" / "host1.log").read_text()
+    assert "resumed from " + step_name(20) in (run / "logs" / "host1.log").read_text()
     assert _train_rows(run)[-1]["step"] == 20 + 3 * 10  # three more epochs of 10 steps
     _assert_same_curve(small, run, 20, world=4)
