@@ -88,7 +88,8 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
          f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
          f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
          f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
-         "train.epochs=100", "train.zero_stage=1", *VARIANTS.get(variant, [])],
+         "train.epochs=100", "train.zero_stage=1", *VARIANTS.get(variant, []),
+         *([f"train.profile_at={a.profile_at}", "train.profile_steps=3"] if a.profile_at else [])],
         what=label, ranks=1, log=out / f"log-{label}.txt", omp_threads=None)
     rows = common.read_metrics(run_dir)
     train = [x for x in rows if x["kind"] == "train"]
@@ -113,6 +114,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--out", default=str(common.RESULTS))
+    p.add_argument("--profile-at", type=int, default=0,
+                   help="profile steps N..N+2 of every run with torch.profiler (0: off); "
+                   "traces and operator tables in <out>/run-<label>/profile/")
     p.add_argument("--runs", nargs="+", default=["full", "dissect_momentum",
                                                  "dissect_momentum+fastpath"],
                    help="labels: a strategy, optionally +stock, +fastpath, +compile, +amp or "

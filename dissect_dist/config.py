@@ -164,10 +164,18 @@ class TrainConfig:
     # rank 0's evaluation on the retrieval set, and the one-off conversion of a ZeRO
     # checkpoint to the universal format when a run resumes at another world size.
     collective_timeout_s: float = 600.0
+    # Profile this launch's steps profile_at .. profile_at + profile_steps - 1 with
+    # torch.profiler (0: off): RUN/profile/rank{r}.trace.json and rank{r}.txt.
+    profile_at: int = 0
+    profile_steps: int = 3
 
     def __post_init__(self) -> None:
         _check(self.collective_timeout_s >= 5, "train.collective_timeout_s",
                f"{self.collective_timeout_s}: need >= 5 (seconds one collective may wait)")
+        _check(self.profile_at == 0 or self.profile_at >= 2, "train.profile_at",
+               f"{self.profile_at}: 0 (off) or a step >= 2 (the step before warms the "
+               "profiler up)")
+        _check(self.profile_steps >= 1, "train.profile_steps", f"{self.profile_steps}: need >= 1")
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs}: need >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "need >= 1")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")

@@ -11,6 +11,7 @@ record and keeps its own cadence and state.
     TrainLog          the `train` rows of metrics.jsonl and the progress bar
     Evaluator         held-out evaluation on its cadence; the final one reuses the last
     SampleRecorder    train.record_samples: samples-rank{r}.jsonl
+    StepProfiler      train.profile_at: a torch.profiler trace of a few steps
 
 Nothing here converts a tensor to host memory per step: buffers stay on the device
 and are read once per log window (or epoch), where a host sync is paid anyway.
@@ -420,3 +421,42 @@ class SampleRecorder(Observer):
     def close(self) -> None:
         self._write()
         self._f.close()
+
+
+class StepProfiler(Observer):
+    """torch.profiler over `steps` consecutive steps of this launch, from its step `at`
+    (>= 2: the step before is the profiler's warm-up), every rank. Writes
+    RUN/profile/rank{r}.trace.json (Chrome trace: chrome://tracing or Perfetto) and
+    rank{r}.txt (operators by self time on the device, or on the CPU without one), for
+    comparing the trainer's step kernel by kernel with the same work alone
+    (benchmarks/scoring_forward.py)."""
+
+    def __init__(self, out: Path, rank: int, device: torch.device, at: int, steps: int) -> None:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.out, self.rank, self.device = out, rank, device
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._prof: Any = profile(activities=activities, record_shapes=True,
+                                  schedule=schedule(wait=at - 2, warmup=1, active=steps,
+                                                    repeat=1),
+                                  on_trace_ready=self._write)
+        self._prof.start()
+        self._open = True
+
+    def _write(self, prof: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.out / f"rank{self.rank}.trace.json"))
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        (self.out / f"rank{self.rank}.txt").write_text(
+            prof.key_averages().table(sort_by=key, row_limit=50) + "\n")
+
+    def on_step(self, rec: StepRecord) -> None:
+        if self._open:
+            self._prof.step()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._prof.stop()

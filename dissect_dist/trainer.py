@@ -31,6 +31,7 @@ from dissect_dist.observers import (
     NoiseDiagnostics,
     Observer,
     SampleRecorder,
+    StepProfiler,
     StepRecord,
     StepTimer,
     TrainLog,
@@ -125,6 +126,10 @@ class Trainer:
         if cfg.train.record_samples:  # after the resume: it drops the lines to rewrite
             self.observers["samples"] = SampleRecorder(
                 self.run_dir, self.rank, self.step, Every(cfg.train.log_every, at_last=True))
+        if cfg.train.profile_at:  # last: a profiled step ends once every observer saw it
+            self.observers["profiler"] = StepProfiler(
+                self.run_dir / "profile", self.rank, self.device, cfg.train.profile_at,
+                cfg.train.profile_steps)
 
     # ------------------------------------------------------------------ setup
     def _new_store(self) -> ScoreStore:

@@ -49,6 +49,9 @@ def test_overrides_are_coerced_to_the_fields_types():
     ("data.shuffle_window=-1", "data.shuffle_window: -1: need >= 1"),
     ("train.eval_every=-2", "train.eval_every: steps >= 1, 0 (end only) or -1"),
     ("train.checkpoint_every=-1", "train.checkpoint_every: need >= 0"),
+    ("train.profile_at=1", "train.profile_at: 1: 0 (off) or a step >= 2"),
+    ("train.profile_steps=0", "train.profile_steps: 0: need >= 1"),
+    ("train.collective_timeout_s=1", "train.collective_timeout_s: 1.0: need >= 5"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -329,3 +329,20 @@ def test_disk_filled_during_a_checkpoint_stops_every_rank_and_keeps_latest(
         rc, out = _run_to_exit(p)
         assert f"[rank {rank}] filled the disk before the {at} of step 4" in out
         _assert_stopped_cleanly(rc, out, ckpt, "no space while writing (")
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps_on_every_rank(fmnist, tmp_path):
+    """train.profile_at=3, profile_steps=2: each rank writes a Chrome trace holding exactly
+    the launch's steps 3 and 4 (the profiler's steps 2 and 3; step 2 is its warm-up) and
+    an operator table; the run itself ends normally."""
+    run = tmp_path / "run"
+    _run(_args(fmnist, run, "selection.strategy=dissect_momentum", "train.max_steps=6",
+               "train.profile_at=3", "train.profile_steps=2"))
+    for r in (0, 1):
+        trace = json.loads((run / "profile" / f"rank{r}.trace.json").read_text())
+        steps = sorted({e["name"] for e in trace["traceEvents"]
+                        if str(e.get("name", "")).startswith("ProfilerStep#")})
+        assert steps == ["ProfilerStep#2", "ProfilerStep#3"], steps
+        table = (run / "profile" / f"rank{r}.txt").read_text()
+        assert "aten::" in table and "Self CPU" in table
+    assert [m["step"] for m in _metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
