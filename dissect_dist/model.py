@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,9 +99,8 @@ def _score_encode(m: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """encode() on the bare module: the function the compiled scoring pass compiles (its
     own code object, so its compiled graphs are never shared with other callers)."""
-    enc_i: Callable[..., torch.Tensor] = getattr(m, "encode_image")  # noqa: B009
-    enc_t: Callable[..., torch.Tensor] = getattr(m, "encode_text")  # noqa: B009
-    return enc_i(images, normalize=True), enc_t(texts, normalize=True)
+    clip: Any = m  # open_clip's CLIP / CustomTextCLIP
+    return clip.encode_image(images, normalize=True), clip.encode_text(texts, normalize=True)
 
 
 class Scorer:
@@ -133,7 +132,7 @@ class Scorer:
 
     def __call__(self, model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        m = getattr(model, "module", model)
+        m = unwrap(model)
         model.train(self.mode == "reference")
         ctx = autocast(images.device, self.autocast_dtype if self.mode == "eval" else None)
         try:

@@ -31,10 +31,10 @@ import pytest
 import torch
 
 from dissect_dist import checkpoint
-from dissect_dist.data.builders import build_fashion_mnist
 from store import ScoreStore
 from store.persist import step_name
 from tests import netns
+from tests.test_trainer import fmnist  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.multinode, pytest.mark.multirank, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +54,8 @@ def hosts() -> Iterator[list[netns.Host]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist")
-    build_fashion_mnist(str(root), noise=0.4, seed=0, subset=640, shard_size=100)
-    return root
+def data(fmnist: Path) -> Path:  # noqa: F811 - the trainer tests' 640 Fashion-MNIST pairs
+    return fmnist
 
 
 def _args(data: Path, run: Path, *extra: str) -> list[str]:
