@@ -10,10 +10,10 @@ import numpy as np
 
 if __package__:
     from benchmarks.common import mean_logged
-    from benchmarks.nc_runner import ALL, METRICS, VARIANTS
+    from benchmarks.nc_runner import ALL, HELDOUT, METRICS, RANKS, VARIANTS
 else:  # run as a file: python benchmarks/<script>.py
     from common import mean_logged  # type: ignore[no-redef]
-    from nc_runner import ALL, METRICS, VARIANTS  # type: ignore[no-redef]
+    from nc_runner import ALL, HELDOUT, METRICS, RANKS, VARIANTS  # type: ignore[no-redef]
 
 
 def _runs(res: dict[str, Any], regime: str, **match: Any) -> list[dict[str, Any]]:
@@ -47,6 +47,18 @@ def samples_to_reach(run: dict[str, Any], target: float) -> int | None:
     return None
 
 
+def epoch_steps(res: dict[str, Any], run: dict[str, Any]) -> np.ndarray:
+    """The step at the end of each epoch of `run` (its per-epoch lists' x axis): runs of a
+    pool regime have different epochs, and results written before the runs recorded their
+    steps per epoch take it from the regime's batch and size."""
+    spe = run.get("steps_per_epoch")
+    if spe is None:
+        reg = res["meta"]["regimes"][run["regime"]]
+        pairs = reg["subset"] - (round(HELDOUT * reg["subset"]) if reg["data"] == "icons" else 0)
+        spe = pairs // (RANKS * reg["batch_per_rank"])
+    return np.arange(1, len(run["kept_precision"]) + 1) * spe
+
+
 def _full_best(res: dict[str, Any], run: dict[str, Any]) -> float | None:
     full = [r for r in _runs(res, run["regime"], strategy="full", noise=run["noise"],
                               seed=run["seed"])]
@@ -63,8 +75,8 @@ def tables(res: dict[str, Any], regime: str) -> str:
     lines = [f"### Regime `{regime}`: main table (noise {noise}, r = {ratio}; mean ± std over "
              "seeds)", "",
              f"| strategy | seeds | final {what} | best {what} | kept precision (mean over epochs) "
-             "| key AUROC clean vs noisy, first / mid / last epoch with a key (δ for dissect) | trained samples | samples to reach full's "
-             "best | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| key AUROC clean vs noisy, first / mid / last epoch with a key (δ for dissect) | trained samples | pairs loaded / scored "
+             "| samples to reach full's best | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     labels = _labels(reg_runs)
     for label in labels:
         rs = [r for r in _runs(res, regime, label=label, noise=noise)
@@ -84,10 +96,13 @@ def tables(res: dict[str, Any], regime: str) -> str:
         got = [x for x in reach if x is not None]
         reach_s = (f"{np.mean(got):.0f} ({len(got)}/{len(rs)} reached)" if got
                    else f"never (0/{len(rs)})")
+        cost = (f"{np.mean([r['loaded_samples'] for r in rs]):.0f} / "
+                f"{np.mean([r['scored_samples'] for r in rs]):.0f}"
+                if all("scored_samples" in r for r in rs) else "-")
         lines.append(
             f"| {label} | {len(rs)} | {_ms([r['final'] for r in rs])} | "
             f"{_ms([r['best'] for r in rs])} | {_ms(kp)} | {au_s} | "
-            f"{np.mean([r['trained_samples'] for r in rs]):.0f} | {reach_s} | "
+            f"{np.mean([r['trained_samples'] for r in rs]):.0f} | {cost} | {reach_s} | "
             f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
     seed0 = min(r["seed"] for r in reg_runs)
     noises = sorted({r["noise"] for r in reg_runs})
@@ -175,15 +190,16 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5))
         ax2 = ax.twinx()
         for i, f in enumerate(fulls):
-            ep = np.arange(1, len(f["score_clean"]) + 1)
+            ep = epoch_steps(res, f)
             ax.plot(ep, f["score_clean"], color="tab:blue", alpha=0.8,
                     label="clean pairs" if i == 0 else None)
             ax.plot(ep, f["score_noisy"], color="tab:red", alpha=0.8,
                     label="noisy pairs" if i == 0 else None)
-            ax2.plot([c["epoch"] for c in f["curve"]], [c["metric"] for c in f["curve"]],
+            ax2.plot(ep[-1] * np.array([c["epoch"] for c in f["curve"]]) / len(ep),
+                     [c["metric"] for c in f["curve"]],
                      color="k", ls="--", marker=".", alpha=0.7,
                      label=f"held-out {what}" if i == 0 else None)
-        ax.set(xlabel="epoch", ylabel="mean CLIPScore during training",
+        ax.set(xlabel="step", ylabel="mean CLIPScore during training",
                title=f"{regime}: full-data training, noise {noise} ({len(fulls)} seeds)")
         ax2.set_ylabel(axis)
         _legend(ax, ax2, fontsize=8, loc="lower right")
@@ -199,7 +215,8 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
             for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
                 c = np.asarray(h[name], dtype=float)
                 ax.bar(mid, c / max(c.sum(), 1), width=w, alpha=0.5, color=color, label=name)
-            ax.set(title=f"epoch {int(ep) + 1}", xlabel="δ = hist − curr")
+            ax.set(title=f"epoch {int(ep) + 1} (step {epoch_steps(res, dm[0])[int(ep)]})",
+                   xlabel="δ = hist − curr")
         np.atleast_1d(axes)[0].legend(fontsize=8)
         fig.suptitle(f"{regime}: dissect_momentum δ, clean vs noisy (fraction per class)")
         paths.append(_save(fig, prefix, regime, "delta_hist"))
@@ -210,27 +227,29 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5))
         ax2 = ax.twinx()
         for label, color in (("dissect_momentum", "tab:green"), ("dissect_warmup", "tab:purple")):
-            au = [r["delta_auroc"] for r in dis if r["label"] == label]
-            if au:
-                arr = np.array([[np.nan if x is None else x for x in a] for a in au], float)
+            runs = [r for r in dis if r["label"] == label]
+            if runs:
+                arr = np.array([[np.nan if x is None else x for x in r["delta_auroc"]]
+                                for r in runs], float)
                 seen = (~np.isnan(arr)).sum(0)  # epochs without a key (warm-up) stay NaN
                 m = np.where(seen > 0, np.nansum(arr, 0) / np.maximum(seen, 1), np.nan)
-                ax.plot(np.arange(1, len(m) + 1), m, color=color,
-                        label=f"{label}: δ AUROC clean vs noisy ({len(au)} seeds)")
+                ax.plot(epoch_steps(res, runs[0]), m, color=color,
+                        label=f"{label}: δ AUROC clean vs noisy ({len(runs)} seeds)")
         ax.axhline(0.5, color="grey", lw=0.8)
         shadow = [f["shadow_delta_auroc"] for f in fulls
                   if any(x is not None for x in f.get("shadow_delta_auroc") or [])]
         if shadow:
             m = np.array([[np.nan if x is None else x for x in a] for a in shadow], float)
-            ax.plot(np.arange(1, m.shape[1] + 1), m.mean(0), color="tab:blue", ls="-.",
+            ax.plot(epoch_steps(res, fulls[0]), m.mean(0), color="tab:blue", ls="-.",
                     label=f"full data: δ AUROC of the same rule, steering nothing "
                     f"({len(shadow)} seeds)")
         gap = np.mean([np.subtract(f["score_clean"], f["score_noisy"]) for f in fulls], axis=0)
-        ax2.plot(np.arange(1, len(gap) + 1), gap, color="tab:red", ls="--",
+        full_steps = epoch_steps(res, fulls[0])
+        ax2.plot(full_steps, gap, color="tab:red", ls="--",
                  label="full data: clean − noisy mean CLIPScore")
-        best = np.mean([f["best_epoch"] for f in fulls])
-        ax.axvline(best, color="k", ls=":", label=f"full data: best {what} (epoch {best:.0f})")
-        ax.set(xlabel="epoch", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
+        best = np.mean([f["best_epoch"] for f in fulls]) * full_steps[0]
+        ax.axvline(best, color="k", ls=":", label=f"full data: best {what} (step {best:.0f})")
+        ax.set(xlabel="step", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
                title=f"{regime}: is δ informative before the noisy pairs are memorised?")
         ax2.set_ylabel("clean − noisy score gap (full data)")
         _legend(ax, ax2, fontsize=7, loc="lower left")
@@ -240,9 +259,9 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
     for label in labels:
         for r in [x for x in main if x["label"] == label][:1]:
             kp = [np.nan if x is None else x for x in r["kept_precision"]]
-            ax.plot(np.arange(1, len(kp) + 1), kp, label=label)
+            ax.plot(epoch_steps(res, r), kp, label=label)
     ax.axhline(1 - noise, color="k", ls=":", label="clean fraction of the data")
-    ax.set(xlabel="epoch", ylabel="precision of kept pairs (fraction clean)",
+    ax.set(xlabel="step", ylabel="precision of kept pairs (fraction clean)",
            title=f"{regime}: noise {noise}, r = {ratio}")
     ax.legend(fontsize=7)
     paths.append(_save(fig, prefix, regime, "kept_precision"))

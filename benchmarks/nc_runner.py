@@ -6,6 +6,15 @@ workers, T_w) are a run config in launch/configs/ (CONFIG_FILES), the file the d
 reads for `memorise`; each run passes it to `launch/train.py` and overrides only what the
 run varies. What is not a trainer setting (the dataset and its size, the noise levels,
 seeds, strategies and sweeps) is the regime's grid below.
+
+Two ways to compare a selection run with `full` (Regime.pool):
+  batch  every run loads the config's batch; a selection run trains r of it (r x the rows
+         of `full` per step, and a r x smaller batch of negatives in the contrastive loss).
+  pool   every run trains the config's batch B per rank per step, for the same number of
+         steps (the config's full-data run): a selection run loads and scores a pool of
+         round(B / r) per rank and trains r of it, as the paper's runs do (1280 loaded,
+         256 trained per GPU). pool_settings() derives such a run's batch, epochs, step
+         cap, log and evaluation cadence and T_w (the config's fraction of the run).
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ if __package__:
 else:  # run as a file: python benchmarks/<script>.py
     import common  # type: ignore[no-redef]
 
-from dissect_dist.config import load_config
+from dissect_dist.config import SelectionConfig, load_config
+from dissect_dist.selection import build_strategy
 
 REPO = common.REPO
 CONFIGS = REPO / "launch" / "configs"
@@ -41,7 +51,8 @@ RANKS = 2
 
 # Each regime's run config (trainer settings), in launch/configs/.
 CONFIG_FILES = {"early": "nc-early.yaml", "memorise": "tiny-cpu.yaml",
-                "icons": "nc-icons.yaml", "quick": "nc-quick.yaml"}
+                "icons": "nc-icons.yaml", "quick": "nc-quick.yaml",
+                "pool": "tiny-cpu.yaml", "pool-quick": "nc-quick.yaml"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +73,7 @@ class Regime:
     schedule: str
     eval_every_epochs: int
     warmup_epochs: int  # T_w of dissect_warmup
+    beta: float  # β of dissect_momentum
     seeds: tuple[int, ...] = (0, 1, 2)
     noise: float = 0.4
     ratio: float = 0.3
@@ -71,6 +83,12 @@ class Regime:
     ratio_sweep_strategies: tuple[str, ...] = ("random", "dissect_momentum")
     main_strategies: tuple[str, ...] = tuple(ALL)
     variants: bool = True
+    # T_w of dissect_warmup (as a fraction of the run) and β of dissect_momentum: the
+    # other values tried, one seed each (the paper leaves both to tuning)
+    warmup_sweep: tuple[float, ...] = ()
+    beta_sweep: tuple[float, ...] = ()
+    # see the module docstring: selection runs load a pool of B / r and train B
+    pool: bool = False
     # Data workers per rank. The sample order and augmentation do not depend on it (the
     # loader's contract), so neither do the results, only the wall time.
     workers: int = 1
@@ -88,6 +106,46 @@ class Regime:
     def config(self) -> Path:
         """The regime's run config, which every run of it passes to launch/train.py."""
         return CONFIGS / CONFIG_FILES[self.name]
+
+    @property
+    def steps(self) -> int:
+        """Steps of the config's full-data run: every run of a pool regime takes as many."""
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_fraction(self) -> float:
+        """T_w of the config as a fraction of the run."""
+        return self.warmup_epochs / self.epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolRun:
+    """A pool-regime run's trainer settings (pool_settings)."""
+
+    batch_per_rank: int  # rows loaded (and, for selection strategies, scored) per rank
+    steps_per_epoch: int
+    epochs: int  # enough for Regime.steps; train.max_steps stops the run there
+    log_every: int  # once per epoch
+    eval_every: int  # the config's cadence rounded to whole epochs
+    warmup_epochs: int  # the config's T_w as the same fraction of the run
+
+
+def pool_settings(reg: Regime, strategy: str, ratio: float,
+                  warmup_fraction: float | None = None) -> PoolRun:
+    """How a run of the pool regime `reg` trains reg.batch_per_rank rows per rank and step
+    for reg.steps steps: `full` loads that batch, a selection strategy a pool of
+    round(batch / ratio) (the selector keeps round(ratio x pool) over the global batch)."""
+    b = reg.batch_per_rank if strategy == "full" else round(reg.batch_per_rank / ratio)
+    spe = reg.train_pairs // (RANKS * b)
+    if spe < 1:
+        raise ValueError(f"regime {reg.name}: a pool of {RANKS} x {b} pairs (r = {ratio}) is "
+                         f"larger than its {reg.train_pairs} training pairs")
+    epochs = -(-reg.steps // spe)
+    every = reg.eval_every_epochs * reg.steps_per_epoch
+    frac = reg.warmup_fraction if warmup_fraction is None else warmup_fraction
+    return PoolRun(batch_per_rank=b, steps_per_epoch=spe, epochs=epochs, log_every=spe,
+                   eval_every=spe * max(1, round(every / spe)),
+                   warmup_epochs=round(frac * epochs))
 
 
 def load_regime(name: str, *, subset: int, data: Literal["fmnist", "icons"] = "fmnist",
@@ -110,10 +168,11 @@ def load_regime(name: str, *, subset: int, data: Literal["fmnist", "icons"] = "f
                   lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                   warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
                   eval_every_epochs=cfg.train.eval_every // spe,
-                  warmup_epochs=cfg.selection.warmup_epochs, ratio=cfg.selection.ratio,
-                  workers=cfg.data.workers, **grid)
+                  warmup_epochs=cfg.selection.warmup_epochs, beta=cfg.selection.beta,
+                  ratio=cfg.selection.ratio, workers=cfg.data.workers, **grid)
 
 
+_POOL_FOUR = ("full", "random", "dissect_warmup", "dissect_momentum")
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
                                    main_strategies=("full", "random", "dissect_momentum"),
                                    variants=False)
@@ -126,6 +185,15 @@ REGIMES = {
     "icons": load_regime("icons", data="icons", subset=2000, **_SMALL_GRID),
     # the smoke run of the test suite: the same code path in about a minute per regime
     "quick": load_regime("quick", subset=512, **_SMALL_GRID),
+    # memorise's data and trainer settings, every run training 64 rows per step
+    "pool": load_regime("pool", subset=500, pool=True,
+                        noise_sweep_strategies=_POOL_FOUR, ratio_sweep=(0.2, 0.3, 0.5),
+                        ratio_sweep_strategies=_POOL_FOUR, warmup_sweep=(0.1, 0.4),
+                        beta_sweep=(0.5, 0.99)),
+    # the test suite's smoke run of the pool code path
+    "pool-quick": load_regime("pool-quick", subset=512, pool=True, seeds=(0,),
+                              main_strategies=("full", "dissect_warmup"), variants=False,
+                              noise_sweep=(), ratio_sweep=(), warmup_sweep=(0.25,)),
 }
 
 
@@ -150,8 +218,8 @@ class Run:
 
 
 def grid(reg: Regime) -> list[list[Run]]:
-    """The regime's runs in phases (main table seed by seed, noise sweep, ratio sweep),
-    without duplicates: a run shared by two phases is listed in the first."""
+    """The regime's runs in phases (main table seed by seed, noise sweep, ratio sweep,
+    T_w and β), without duplicates: a run shared by two phases is listed in the first."""
     seen: set[str] = set()
     phases: list[list[Run]] = []
 
@@ -178,6 +246,15 @@ def grid(reg: Regime) -> list[list[Run]]:
     for ratio in reg.ratio_sweep:
         for s in reg.ratio_sweep_strategies:
             add(s, s, reg.noise, ratio, reg.seeds[0])
+    phases.append([])
+    for frac in reg.warmup_sweep:
+        epochs = pool_settings(reg, "dissect_warmup", reg.ratio, frac).epochs if reg.pool \
+            else reg.epochs
+        add(f"dissect_warmup[T_w={frac:.0%}]", "dissect_warmup", reg.noise, reg.ratio,
+            reg.seeds[0], {"selection.warmup_epochs": round(frac * epochs)})
+    for beta in reg.beta_sweep:
+        add(f"dissect_momentum[beta={beta:g}]", "dissect_momentum", reg.noise, reg.ratio,
+            reg.seeds[0], {"selection.beta": beta})
     return phases
 
 
@@ -212,6 +289,14 @@ def dataset(reg: Regime, noise: float, root: Path) -> Path:
 
 def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
     """What a run sets on top of its regime's run config."""
+    pool: dict[str, Any] = {}
+    if reg.pool:
+        p = pool_settings(reg, run.strategy, run.ratio)
+        pool = {"data.batch_size": p.batch_per_rank, "train.epochs": p.epochs,
+                "train.max_steps": reg.steps, "train.log_every": p.log_every,
+                "train.eval_every": p.eval_every, "selection.warmup_epochs": p.warmup_epochs,
+                # every step's ids, keep mask, key and scores, for the selection audit
+                "train.record_samples": True}
     ov = {
         "data.train_manifest": f"{data}/train/manifest.json",
         "data.noise_ledger": f"{data}/train/noise_ledger.npy",
@@ -221,6 +306,7 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
         "train.seed": run.seed, "train.run_dir": str(run_dir),
         # full-data runs are the memorisation diagnostic: score every batch
         "train.diagnose_scores": run.strategy == "full",
+        **pool,
         **dict(run.extra),
     }
     return [f"{k}={v}" for k, v in ov.items()]
@@ -231,18 +317,32 @@ def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)
     r = common.launch(overrides(reg, run, data, run_dir), what=run.key, ranks=RANKS,
                       config=reg.config, log=run_dir / "launch.log")
-    res = summarise(common.read_metrics(run_dir), reg)
+    res = summarise(common.read_metrics(run_dir), reg, run.strategy, run.ratio)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics are what we keep
     return {**dataclasses.asdict(run), "key": run.key, "wall_s": r.wall_s,
             "code": common.code_version(), **res}
+
+
+def steps_per_epoch(reg: Regime, strategy: str, ratio: float) -> int:
+    return pool_settings(reg, strategy, ratio).steps_per_epoch if reg.pool \
+        else reg.steps_per_epoch
+
+
+def _needs_scores(strategy: str) -> bool:
+    """Does the strategy run the no-grad scoring pass (as the trainer builds it)?"""
+    s = SelectionConfig(strategy=strategy)
+    return build_strategy(s.strategy, beta=s.beta, first_sight=s.first_sight,
+                          warmup_epochs=s.warmup_epochs,
+                          warmup_train=s.warmup_train).needs_scores
 
 
 def _finite(x: Any) -> Any:
     return x if not (isinstance(x, float) and not math.isfinite(x)) else None
 
 
-def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
-    spe = reg.steps_per_epoch
+def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
+              ratio: float) -> dict[str, Any]:
+    spe = steps_per_epoch(reg, strategy, ratio)
     trained_at = {x["step"]: x["trained_total"] for x in rows if x["kind"] == "train"}
     metric = METRICS[reg.data][0]
     evals: dict[int, float] = {}
@@ -250,7 +350,7 @@ def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
         if x["kind"] == "eval":
             evals[x["step"]] = (x["zeroshot_acc"] if reg.data == "fmnist"
                                 else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
-    curve = [{"epoch": s / spe, "trained": trained_at[s], "metric": m}
+    curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "metric": m}
              for s, m in sorted(evals.items())]
     train_rows = [x for x in rows if x["kind"] == "train"]
     epochs = [x for x in rows if x["kind"] == "epoch"]
@@ -262,6 +362,11 @@ def summarise(rows: list[dict[str, Any]], reg: Regime) -> dict[str, Any]:
         "final": curve[-1]["metric"], "best": best["metric"], "best_epoch": best["epoch"],
         "curve": curve,
         "steps": train_rows[-1]["step"], "trained_samples": train_rows[-1]["trained_total"],
+        "steps_per_epoch": spe,
+        # pairs loaded, and the pairs that went through the no-grad scoring pass (full's
+        # diagnostic scoring, train.diagnose_scores, is not counted)
+        "loaded_samples": train_rows[-1]["samples_seen"],
+        "scored_samples": train_rows[-1]["samples_seen"] if _needs_scores(strategy) else 0,
         "kept_precision": [_finite(x.get("kept_precision")) for x in train_rows],
         "delta_auroc": [_finite(x.get("key_auroc_clean_vs_noisy")) for x in epochs],
         # full/random runs: δ of dissect_momentum's rule on this model, steering nothing

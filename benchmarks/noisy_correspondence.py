@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, r in res["runs"].items():
             metrics = Path(a.runs) / key.replace("/", "__")
             if r["regime"] in REGIMES and (metrics / "metrics.jsonl").exists():
-                r.update(nc_runner.summarise(common.read_metrics(metrics), REGIMES[r["regime"]]))
+                r.update(nc_runner.summarise(common.read_metrics(metrics), REGIMES[r["regime"]],
+                                             r["strategy"], r["ratio"]))
                 n += 1
         nc_runner.save_results(out, res)
         print(f"[nc] refreshed {n} of {len(res['runs'])} runs from {a.runs}")

@@ -384,7 +384,8 @@ class Evaluator(Observer):
 
 
 class SampleRecorder(Observer):
-    """train.record_samples: each step's ids, keep mask and ranking key, one JSON line
+    """train.record_samples: each step's ids, keep mask, ranking key and CLIPScore (when
+    the step scored), one JSON line
     per step in samples-rank{r}.jsonl, steps counted from 0 (audits, tests). Lines are
     written on the flush cadence and whenever a checkpoint is written, so a checkpoint's
     steps are always on disk; opening drops the lines of steps >= `step` (a resumed run
@@ -410,7 +411,8 @@ class SampleRecorder(Observer):
             self._f.write(json.dumps({
                 "step": r.step - 1, "epoch": r.epoch, "ids": r.host_ids.tolist(),
                 "keep": r.keep.cpu().tolist(),
-                "key": None if r.key is None else r.key.float().cpu().tolist()}) + "\n")
+                "key": None if r.key is None else r.key.float().cpu().tolist(),
+                "curr": None if r.curr is None else r.curr.float().cpu().tolist()}) + "\n")
         self._pending.clear()
         self._f.flush()
 

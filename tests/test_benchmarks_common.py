@@ -52,6 +52,10 @@ def test_write_json_is_atomic_and_strict_mode_refuses_nan(tmp_path: Path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["res.json"]
 
 
+POOL_KEYS = {"data.batch_size", "train.epochs", "train.max_steps", "train.log_every",
+             "train.eval_every", "selection.warmup_epochs", "train.record_samples"}
+
+
 @pytest.mark.parametrize("name", sorted(nc.REGIMES))
 def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name, tmp_path):
     reg = nc.REGIMES[name]
@@ -64,13 +68,35 @@ def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name
         assert changed <= {"data.train_manifest", "data.noise_ledger", "data.zeroshot_dir",
                            "data.retrieval_manifest", "selection.strategy", "selection.ratio",
                            "train.seed", "train.run_dir", "train.diagnose_scores",
-                           *dict(run.extra)}, run.key
+                           *(POOL_KEYS if reg.pool else ()), *dict(run.extra)}, run.key
+        if reg.pool:
+            pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got)
+        elif run.strategy == "full":
+            assert got["train"]["log_every"] == reg.steps_per_epoch
+            assert got["train"]["eval_every"] == reg.eval_every_epochs * reg.steps_per_epoch
     # the regime as the results file records it is the config's trainer settings
     assert (reg.model, reg.batch_per_rank, reg.epochs, reg.lr, reg.workers) == (
-        got["model"]["name"], got["data"]["batch_size"], got["train"]["epochs"],
-        got["optim"]["lr"], got["data"]["workers"])
-    assert got["train"]["log_every"] == reg.steps_per_epoch
-    assert got["train"]["eval_every"] == reg.eval_every_epochs * reg.steps_per_epoch
+        base["model"]["name"], base["data"]["batch_size"], base["train"]["epochs"],
+        base["optim"]["lr"], base["data"]["workers"])
+
+
+def pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got):
+    data, train = got["data"], got["train"]
+    spe = reg.train_pairs // (nc.RANKS * data["batch_size"])
+    assert train["max_steps"] == reg.steps == reg.epochs * reg.steps_per_epoch, run.key
+    assert spe * train["epochs"] >= reg.steps > spe * (train["epochs"] - 1), run.key
+    trained = round(run.ratio * nc.RANKS * data["batch_size"])  # the selector's global k
+    assert trained == nc.RANKS * reg.batch_per_rank, run.key
+    if run.strategy == "full":
+        assert data["batch_size"] == reg.batch_per_rank
+    else:  # a pool larger than what it trains
+        assert data["batch_size"] == round(reg.batch_per_rank / run.ratio) > reg.batch_per_rank
+    assert train["log_every"] == spe and train["eval_every"] % spe == 0, run.key
+    assert abs(train["eval_every"] - reg.eval_every_epochs * reg.steps_per_epoch) < spe
+    if "selection.warmup_epochs" not in dict(run.extra):  # T_w: the config's share of the run
+        assert got["selection"]["warmup_epochs"] == round(
+            reg.warmup_epochs / reg.epochs * train["epochs"]), run.key
+    assert train["record_samples"] is True
 
 
 def test_memorise_is_the_demos_config():

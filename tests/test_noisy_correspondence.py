@@ -24,8 +24,8 @@ SCRIPT = REPO / "benchmarks" / "noisy_correspondence.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def _bench(tmp: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp / "nc.json"),
+def _bench(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), *(args or ["--quick"]), "--out", str(tmp / "nc.json"),
            "--data", str(tmp / "data"), "--runs", str(tmp / "runs")]
     r = subprocess.run(cmd, env=ENV, cwd=str(REPO), capture_output=True, text=True,
                        timeout=540)
@@ -89,16 +89,17 @@ def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
     assert "data.zeroshot_dir" not in ov
     spe = reg.steps_per_epoch
     assert spe == (reg.subset - round(nc.HELDOUT * reg.subset)) // (2 * reg.batch_per_rank)
-    rows = [{"step": spe, "kind": "train", "trained_total": 64 * spe, "kept_precision": 0.6},
+    rows = [{"step": spe, "kind": "train", "trained_total": 64 * spe, "kept_precision": 0.6,
+             "samples_seen": 64 * spe},
             {"step": spe, "kind": "eval", "i2t_R@1": 0.1, "t2i_R@1": 0.3, "eval_s": 0.5},
             {"step": spe, "kind": "epoch", "epoch": 0, "mean_score_clean": 20.0,
              "mean_score_noisy": 15.0},
             {"step": 2 * spe, "kind": "train", "trained_total": 128 * spe,
-             "kept_precision": 0.6},
+             "kept_precision": 0.6, "samples_seen": 128 * spe},
             {"step": 2 * spe, "kind": "eval", "i2t_R@1": 0.2, "t2i_R@1": 0.0, "eval_s": 0.5},
             {"step": 2 * spe, "kind": "epoch", "epoch": 1, "mean_score_clean": 25.0,
              "mean_score_noisy": 21.0}]
-    s = nc.summarise(rows, reg)
+    s = nc.summarise(rows, reg, run.strategy, run.ratio)
     assert s["metric"] == "retrieval_R@1"
     assert s["final"] == pytest.approx(0.1) and s["best"] == pytest.approx(0.2)
     assert s["best_epoch"] == 1.0 and [c["trained"] for c in s["curve"]] == [64 * spe,
@@ -107,3 +108,37 @@ def test_icon_runs_are_scored_by_held_out_retrieval(tmp_path: Path):
     table = nc_report.tables({"runs": {run.key: stored}}, "icons")
     assert "| strategy | seeds | final R@1 | best R@1 |" in table
     assert "| R@1 | 0.200 | 0.100 |" in table  # the diagnostic's metric row, epochs 1 and 2
+
+
+@pytest.mark.timeout(600)
+def test_pool_regime_trains_as_many_rows_per_step_whatever_the_strategy(tmp_path: Path):
+    """The pool regime's smoke grid: `full` loads and trains 64 pairs per step; a selection
+    run loads a pool of 2 x round(32 / 0.3) = 214, scores it and trains 64 of it, for the
+    same 16 steps. The table reports the pairs loaded and scored, the steps per epoch and
+    T_w follow the pool, and every step's scores are recorded for the selection audit."""
+    r = _bench(tmp_path, "--regime", "pool-quick")
+    res = json.loads((tmp_path / "nc.json").read_text())
+    runs = {v["label"]: v for v in res["runs"].values()}
+    assert set(runs) == {"full", "dissect_warmup", "dissect_warmup[T_w=25%]"}
+    full, dw, tw = runs["full"], runs["dissect_warmup"], runs["dissect_warmup[T_w=25%]"]
+    for v in runs.values():
+        assert v["steps"] == 16 and v["trained_samples"] == 16 * 64, v["key"]
+        assert [c["step"] for c in v["curve"]] == [8, 16], v["key"]
+    assert (full["loaded_samples"], full["scored_samples"], full["steps_per_epoch"]) == (
+        16 * 64, 0, 8)
+    for v in (dw, tw):
+        assert v["loaded_samples"] == v["scored_samples"] == 16 * 214
+        assert v["steps_per_epoch"] == 2 and len(v["delta_auroc"]) == 8
+    # T_w in epochs of the pool: the config's half of the run, and the swept quarter. A
+    # warm-up epoch keeps a random r (no key, no δ AUROC); after it, δ ranks.
+    assert [x is None for x in dw["delta_auroc"]] == [True] * 4 + [False] * 4
+    assert [x is None for x in tw["delta_auroc"]] == [True] * 2 + [False] * 6
+    assert "| dissect_warmup | 1 |" in r.stdout and "| 1024 | 3424 / 3424 |" in r.stdout
+    run_dir = tmp_path / "runs" / dw["key"].replace("/", "__")
+    ranks = [[json.loads(x) for x in (run_dir / f"samples-rank{k}.jsonl").read_text().splitlines()]
+             for k in (0, 1)]
+    assert [len(x) for x in ranks] == [16, 16]
+    for a, b in zip(*ranks):
+        assert len(a["ids"]) == len(b["ids"]) == 107 == len(a["curr"]) == len(b["curr"])
+        assert sum(a["keep"]) + sum(b["keep"]) == 64  # the global top r of the pool
+        assert (a["key"] is None) == (a["epoch"] < 4)

@@ -190,15 +190,16 @@ def test_sample_record_is_on_disk_at_a_checkpoint_and_a_resume_rewrites_later_st
     rec = SampleRecorder(tmp_path, 1, 0, Every(10))
     for step in range(1, 6):
         rec.on_step(_rec(step, [step, step + 1], keep=[True, False],
-                         key=None if step % 2 else [0.5, -1.0], epoch=step // 3))
+                         key=None if step % 2 else [0.5, -1.0],
+                         curr=None if step % 2 else [21.5, 30.0], epoch=step // 3))
     path = tmp_path / "samples-rank1.jsonl"
     assert path.read_text() == ""  # not yet on the flush cadence
     rec.state_dict()  # a checkpoint is written: every step so far is on disk
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # counted from 0
     assert rows[1] == {"step": 1, "epoch": 0, "ids": [2, 3], "keep": [True, False],
-                       "key": [0.5, -1.0]}
-    assert rows[0]["key"] is None
+                       "key": [0.5, -1.0], "curr": [21.5, 30.0]}
+    assert rows[0]["key"] is None and rows[0]["curr"] is None  # a step that did not score
     rec.close()
     again = SampleRecorder(tmp_path, 1, 3, Every(10))  # resumed at step 3
     again.close()

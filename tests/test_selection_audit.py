@@ -61,3 +61,40 @@ def test_true_labels_match_clean_captions(tmp_path: Path):
     assert len(caption_class) == len(FASHION_CLASSES) * len(FASHION_TEMPLATES)
     for i, cap in captions.items():
         assert caption_class[cap] == labels[i], (i, cap)
+
+
+def test_mechanism_splits_scores_by_kept_and_noisy_per_window_of_steps(tmp_path: Path):
+    """Two windows of two steps, two ranks, four pairs of which id 3 is noisy."""
+    labels = np.array([0, 0, 1, 1])
+
+    def rec(path: Path, rows: list[tuple[int, list[int], list[bool], list[float] | None]]):
+        path.write_text("".join(json.dumps({"step": s, "epoch": s, "ids": ids, "keep": keep,
+                                            "key": None, "curr": curr}) + "\n"
+                                for s, ids, keep, curr in rows))
+
+    rec(tmp_path / "samples-rank0.jsonl",
+        [(0, [0, 3], [True, False], [10.0, 2.0]), (1, [1, 2], [True, False], [8.0, 4.0]),
+         (2, [3, 0], [True, False], [30.0, 12.0]), (3, [2, 1], [True, False], [9.0, 3.0])])
+    rec(tmp_path / "samples-rank1.jsonl",
+        [(0, [1, 2], [False, True], [5.0, 7.0]), (1, [0, 3], [False, True], [6.0, 20.0]),
+         (2, [1, 2], [True, True], [1.0, 1.0]), (3, [3, 0], [True, False], [40.0, 14.0])])
+    m = sa.mechanism(tmp_path, labels, noisy_ids=np.array([3]), windows=2)
+    assert m["window_end_step"] == [2, 4]
+    # window 0 trained 0, 1, 2, 3 (steps 0-1); window 1 trained 3, 2, 1, 2, 3
+    assert m["kept_precision"] == [0.75, 0.6]
+    assert m["distinct_trained"] == [1.0, 0.75] and m["kept_again"] == [None, 1.0]
+    assert m["class_share_min"] == [0.5, 0.2] and m["class_share_max"] == [0.5, 0.8]
+    # the kept noisy pair's score (20, then 30 and 40) against the unkept one's (2)
+    assert m["score_kept_noisy"] == [20.0, 35.0] and m["score_unkept_noisy"] == [2.0, None]
+    assert m["score_kept_clean"] == [(10 + 8 + 7) / 3, (9 + 1 + 1) / 3]
+    assert m["score_unkept_clean"] == [(4 + 5 + 6) / 3, (12 + 3 + 14) / 3]
+    # one kept row of two had the higher score at every step (rank 1); where both were
+    # kept (rank 1, step 2, equal scores) they rank 0 and 1
+    assert m["kept_score_rank"] == [1.0, pytest.approx((1 + 1 + 0 + 1 + 1) / 5)]
+    assert m["times_trained"]["noisy"]["mean"] == 3.0  # steps 1, 2, 3
+    assert m["times_trained"]["clean"]["mean"] == 2.0  # ids 0, 1, 2: once, twice, 3 times
+
+
+def test_mechanism_refuses_a_run_without_a_sample_record(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="train.record_samples=true"):
+        sa.mechanism(tmp_path, np.array([0]), np.array([], dtype=np.int64))
