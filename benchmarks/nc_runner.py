@@ -52,7 +52,8 @@ RANKS = 2
 # Each regime's run config (trainer settings), in launch/configs/.
 CONFIG_FILES = {"early": "nc-early.yaml", "memorise": "tiny-cpu.yaml",
                 "icons": "nc-icons.yaml", "quick": "nc-quick.yaml",
-                "pool": "tiny-cpu.yaml", "pool-quick": "nc-quick.yaml"}
+                "pool": "tiny-cpu.yaml", "pool-quick": "nc-quick.yaml",
+                "icons-pool": "nc-icons-pool.yaml"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +191,10 @@ REGIMES = {
                         noise_sweep_strategies=_POOL_FOUR, ratio_sweep=(0.2, 0.3, 0.5),
                         ratio_sweep_strategies=_POOL_FOUR, warmup_sweep=(0.1, 0.4),
                         beta_sweep=(0.5, 0.99)),
+    # every icon, unique captions, at a size where full-data training generalises
+    "icons-pool": load_regime("icons-pool", data="icons", subset=16034, pool=True,
+                              seeds=(0, 1), main_strategies=_POOL_FOUR, variants=False,
+                              noise_sweep=(), ratio_sweep=()),
     # the test suite's smoke run of the pool code path
     "pool-quick": load_regime("pool-quick", subset=512, pool=True, seeds=(0,),
                               main_strategies=("full", "dissect_warmup"), variants=False,
