@@ -288,6 +288,46 @@ def mechanism_main(a: argparse.Namespace) -> None:
         print(mechanism_lines(strategy, row), flush=True)
     common.write_json(out, res, indent=1)
     print(f"wrote {out}")
+    print(f"wrote {mechanism_plot(res, out.with_suffix('.png'))}")
+
+
+def mechanism_plot(res: dict[str, Any], path: Path) -> Path:
+    """Four panels, one line per strategy: kept precision, the scores of noisy pairs kept
+    and not kept at their step, distinct pairs trained per window, the held-out curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for i, (strategy, x) in enumerate(res["runs"].items()):
+        color = f"C{i}"
+        steps = x["window_end_step"]
+        axes[0, 0].plot(steps, x["kept_precision"], marker=".", color=color, label=strategy)
+        kept = [np.nan if v is None else v for v in x["score_kept_noisy"]]
+        unkept = [np.nan if v is None else v for v in x["score_unkept_noisy"]]
+        axes[0, 1].plot(steps, kept, marker=".", color=color, label=f"{strategy}: kept")
+        if not all(np.isnan(unkept)):
+            axes[0, 1].plot(steps, unkept, ls="--", color=color, label=f"{strategy}: not kept")
+        axes[1, 0].plot(steps, x["distinct_trained"], marker=".", color=color, label=strategy)
+        curve = x["heldout"]["curve"]
+        axes[1, 1].plot([c[0] for c in curve], [c[1] for c in curve], marker=".",
+                        color=color, label=strategy)
+    axes[0, 0].axhline(1 - res["noise"], color="k", ls=":", label="the data")
+    axes[0, 0].set(ylabel="clean fraction of the trained rows", xlabel="step (window end)")
+    axes[0, 1].set(ylabel="mean CLIPScore of noisy pairs at their step",
+                   xlabel="step (window end)")
+    axes[1, 0].set(ylabel="distinct pairs trained in the window (fraction of all)",
+                   xlabel="step (window end)")
+    axes[1, 1].set(ylabel="held-out zero-shot accuracy", xlabel="step")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{res['regime']}: noise {res['noise']}, seed {res['seed']}: what each "
+                 "strategy trains on")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def mechanism_lines(strategy: str, x: dict[str, Any]) -> str:

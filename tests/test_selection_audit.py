@@ -93,6 +93,10 @@ def test_mechanism_splits_scores_by_kept_and_noisy_per_window_of_steps(tmp_path:
     assert m["kept_score_rank"] == [1.0, pytest.approx((1 + 1 + 0 + 1 + 1) / 5)]
     assert m["times_trained"]["noisy"]["mean"] == 3.0  # steps 1, 2, 3
     assert m["times_trained"]["clean"]["mean"] == 2.0  # ids 0, 1, 2: once, twice, 3 times
+    m["heldout"] = {"curve": [[2, 0.3], [4, 0.5]]}
+    png = sa.mechanism_plot({"regime": "r", "noise": 0.25, "seed": 0, "runs": {"s": m}},
+                            tmp_path / "m.png")
+    assert png.stat().st_size > 5000
 
 
 def test_mechanism_refuses_a_run_without_a_sample_record(tmp_path: Path):
