@@ -47,16 +47,19 @@ def samples_to_reach(run: dict[str, Any], target: float) -> int | None:
     return None
 
 
-def epoch_steps(res: dict[str, Any], run: dict[str, Any]) -> np.ndarray:
-    """The step at the end of each epoch of `run` (its per-epoch lists' x axis): runs of a
-    pool regime have different epochs, and results written before the runs recorded their
-    steps per epoch take it from the regime's batch and size."""
-    spe = run.get("steps_per_epoch")
-    if spe is None:
-        reg = res["meta"]["regimes"][run["regime"]]
-        pairs = reg["subset"] - (round(HELDOUT * reg["subset"]) if reg["data"] == "icons" else 0)
-        spe = pairs // (RANKS * reg["batch_per_rank"])
-    return np.arange(1, len(run["kept_precision"]) + 1) * spe
+def steps_of(res: dict[str, Any], run: dict[str, Any], rows: str) -> np.ndarray:
+    """The step of each entry of `run`'s per-row lists, the x axis of its plots: rows
+    "train" (kept_precision: one per log row, the last one at the run's last step) or
+    "epoch" (delta_auroc, score_clean, ...: one per finished epoch; a pool run stopped by
+    its step cap mid-epoch has one fewer). Results written before the runs recorded their
+    steps take them from the regime's steps per epoch (whole epochs only, then)."""
+    if f"{rows}_steps" in run:
+        return np.asarray(run[f"{rows}_steps"])
+    reg = res["meta"]["regimes"][run["regime"]]
+    pairs = reg["subset"] - (round(HELDOUT * reg["subset"]) if reg["data"] == "icons" else 0)
+    spe = pairs // (RANKS * reg["batch_per_rank"])
+    n = len(run["kept_precision"] if rows == "train" else run["delta_auroc"])
+    return np.arange(1, n + 1) * spe
 
 
 def _full_best(res: dict[str, Any], run: dict[str, Any]) -> float | None:
@@ -190,13 +193,12 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5))
         ax2 = ax.twinx()
         for i, f in enumerate(fulls):
-            ep = epoch_steps(res, f)
+            ep = steps_of(res, f, "epoch")
             ax.plot(ep, f["score_clean"], color="tab:blue", alpha=0.8,
                     label="clean pairs" if i == 0 else None)
             ax.plot(ep, f["score_noisy"], color="tab:red", alpha=0.8,
                     label="noisy pairs" if i == 0 else None)
-            ax2.plot(ep[-1] * np.array([c["epoch"] for c in f["curve"]]) / len(ep),
-                     [c["metric"] for c in f["curve"]],
+            ax2.plot(_curve_steps(res, f), [c["metric"] for c in f["curve"]],
                      color="k", ls="--", marker=".", alpha=0.7,
                      label=f"held-out {what}" if i == 0 else None)
         ax.set(xlabel="step", ylabel="mean CLIPScore during training",
@@ -215,7 +217,7 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
             for name, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
                 c = np.asarray(h[name], dtype=float)
                 ax.bar(mid, c / max(c.sum(), 1), width=w, alpha=0.5, color=color, label=name)
-            ax.set(title=f"epoch {int(ep) + 1} (step {epoch_steps(res, dm[0])[int(ep)]})",
+            ax.set(title=f"epoch {int(ep) + 1} (step {steps_of(res, dm[0], 'epoch')[int(ep)]})",
                    xlabel="δ = hist − curr")
         np.atleast_1d(axes)[0].legend(fontsize=8)
         fig.suptitle(f"{regime}: dissect_momentum δ, clean vs noisy (fraction per class)")
@@ -233,21 +235,21 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
                                 for r in runs], float)
                 seen = (~np.isnan(arr)).sum(0)  # epochs without a key (warm-up) stay NaN
                 m = np.where(seen > 0, np.nansum(arr, 0) / np.maximum(seen, 1), np.nan)
-                ax.plot(epoch_steps(res, runs[0]), m, color=color,
+                ax.plot(steps_of(res, runs[0], "epoch"), m, color=color,
                         label=f"{label}: δ AUROC clean vs noisy ({len(runs)} seeds)")
         ax.axhline(0.5, color="grey", lw=0.8)
         shadow = [f["shadow_delta_auroc"] for f in fulls
                   if any(x is not None for x in f.get("shadow_delta_auroc") or [])]
         if shadow:
             m = np.array([[np.nan if x is None else x for x in a] for a in shadow], float)
-            ax.plot(epoch_steps(res, fulls[0]), m.mean(0), color="tab:blue", ls="-.",
+            ax.plot(steps_of(res, fulls[0], "epoch"), m.mean(0), color="tab:blue", ls="-.",
                     label=f"full data: δ AUROC of the same rule, steering nothing "
                     f"({len(shadow)} seeds)")
         gap = np.mean([np.subtract(f["score_clean"], f["score_noisy"]) for f in fulls], axis=0)
-        full_steps = epoch_steps(res, fulls[0])
+        full_steps = steps_of(res, fulls[0], "epoch")
         ax2.plot(full_steps, gap, color="tab:red", ls="--",
                  label="full data: clean − noisy mean CLIPScore")
-        best = np.mean([f["best_epoch"] for f in fulls]) * full_steps[0]
+        best = np.mean([f["best_epoch"] for f in fulls]) * (full_steps[1] - full_steps[0])
         ax.axvline(best, color="k", ls=":", label=f"full data: best {what} (step {best:.0f})")
         ax.set(xlabel="step", ylabel="AUROC of δ (clean above noisy)", ylim=(0, 1),
                title=f"{regime}: is δ informative before the noisy pairs are memorised?")
@@ -259,13 +261,21 @@ def plots(res: dict[str, Any], regime: str, prefix: Path) -> list[Path]:
     for label in labels:
         for r in [x for x in main if x["label"] == label][:1]:
             kp = [np.nan if x is None else x for x in r["kept_precision"]]
-            ax.plot(epoch_steps(res, r), kp, label=label)
+            ax.plot(steps_of(res, r, "train"), kp, label=label)
     ax.axhline(1 - noise, color="k", ls=":", label="clean fraction of the data")
     ax.set(xlabel="step", ylabel="precision of kept pairs (fraction clean)",
            title=f"{regime}: noise {noise}, r = {ratio}")
     ax.legend(fontsize=7)
     paths.append(_save(fig, prefix, regime, "kept_precision"))
     return paths
+
+
+def _curve_steps(res: dict[str, Any], run: dict[str, Any]) -> list[float]:
+    """The steps of `run`'s evaluations (older results hold only their epochs)."""
+    if all("step" in c for c in run["curve"]):
+        return [c["step"] for c in run["curve"]]
+    ep = steps_of(res, run, "epoch")
+    return [c["epoch"] * (ep[1] - ep[0] if len(ep) > 1 else ep[0]) for c in run["curve"]]
 
 
 def _legend(ax: Any, ax2: Any, **kw: Any) -> None:

@@ -128,7 +128,7 @@ class PoolRun:
     epochs: int  # enough for Regime.steps; train.max_steps stops the run there
     log_every: int  # once per epoch
     eval_every: int  # the config's cadence rounded to whole epochs
-    warmup_epochs: int  # the config's T_w as the same fraction of the run
+    warmup_epochs: int  # the config's T_w as the same fraction of the run's steps
 
 
 def pool_settings(reg: Regime, strategy: str, ratio: float,
@@ -141,12 +141,11 @@ def pool_settings(reg: Regime, strategy: str, ratio: float,
     if spe < 1:
         raise ValueError(f"regime {reg.name}: a pool of {RANKS} x {b} pairs (r = {ratio}) is "
                          f"larger than its {reg.train_pairs} training pairs")
-    epochs = -(-reg.steps // spe)
     every = reg.eval_every_epochs * reg.steps_per_epoch
     frac = reg.warmup_fraction if warmup_fraction is None else warmup_fraction
-    return PoolRun(batch_per_rank=b, steps_per_epoch=spe, epochs=epochs, log_every=spe,
-                   eval_every=spe * max(1, round(every / spe)),
-                   warmup_epochs=round(frac * epochs))
+    return PoolRun(batch_per_rank=b, steps_per_epoch=spe, epochs=-(-reg.steps // spe),
+                   log_every=spe, eval_every=spe * max(1, round(every / spe)),
+                   warmup_epochs=round(frac * reg.steps / spe))
 
 
 def load_regime(name: str, *, subset: int, data: Literal["fmnist", "icons"] = "fmnist",
@@ -253,10 +252,10 @@ def grid(reg: Regime) -> list[list[Run]]:
             add(s, s, reg.noise, ratio, reg.seeds[0])
     phases.append([])
     for frac in reg.warmup_sweep:
-        epochs = pool_settings(reg, "dissect_warmup", reg.ratio, frac).epochs if reg.pool \
-            else reg.epochs
+        tw = pool_settings(reg, "dissect_warmup", reg.ratio, frac).warmup_epochs if reg.pool \
+            else round(frac * reg.epochs)
         add(f"dissect_warmup[T_w={frac:.0%}]", "dissect_warmup", reg.noise, reg.ratio,
-            reg.seeds[0], {"selection.warmup_epochs": round(frac * epochs)})
+            reg.seeds[0], {"selection.warmup_epochs": tw})
     for beta in reg.beta_sweep:
         add(f"dissect_momentum[beta={beta:g}]", "dissect_momentum", reg.noise, reg.ratio,
             reg.seeds[0], {"selection.beta": beta})
@@ -373,6 +372,9 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
         "loaded_samples": train_rows[-1]["samples_seen"],
         "scored_samples": train_rows[-1]["samples_seen"] if _needs_scores(strategy) else 0,
         "kept_precision": [_finite(x.get("kept_precision")) for x in train_rows],
+        # the step of each entry of the per-train-row and per-epoch lists
+        "train_steps": [x["step"] for x in train_rows],
+        "epoch_steps": [x["step"] for x in epochs],
         "delta_auroc": [_finite(x.get("key_auroc_clean_vs_noisy")) for x in epochs],
         # full/random runs: δ of dissect_momentum's rule on this model, steering nothing
         "shadow_delta_auroc": [_finite(x.get("shadow_delta_auroc_clean_vs_noisy"))

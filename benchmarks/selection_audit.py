@@ -109,14 +109,17 @@ def mechanism(run_dir: Path, labels: np.ndarray, noisy_ids: np.ndarray,
     - score_kept / score_unkept: mean curr of the rows trained / not trained at their step,
       clean and noisy apart (memorisation: a noisy pair's score rises once it is fitted)
     - kept_score_rank: mean rank of a trained row's curr within its step's rows on its rank
-      (0 = the lowest score, 1 = the highest): a curriculum towards easy (high) or hard
-      (low) pairs
+      (0 = the lowest score, 1 = the highest, ties share their mean rank): a curriculum
+      towards easy (high) or hard (low) pairs
+    The score series use only the rows that were scored (a strategy without a scoring pass
+    has none: rerun it with train.diagnose_scores=true).
     """
     rows = _records(run_dir)
     n, k = labels.size, int(labels.max()) + 1
     noisy = np.zeros(n, dtype=bool)
     noisy[noisy_ids] = True
     steps = max(r["step"] for r in rows) + 1
+    windows = min(windows, steps)
     edges = np.linspace(0, steps, windows + 1).round().astype(int)
     win = np.searchsorted(edges, [r["step"] for r in rows], side="right") - 1
     counts = np.zeros(n, dtype=np.int64)
@@ -132,7 +135,8 @@ def mechanism(run_dir: Path, labels: np.ndarray, noisy_ids: np.ndarray,
         return float(np.mean(x)) if len(x) else None
 
     for w in range(windows):
-        ids_l, keep_l, curr_l, rank_l = [], [], [], []
+        ids_l, keep_l, rank_l = [], [], []
+        scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, keep, curr)
         for r, rw in zip(rows, win):
             if rw != w:
                 continue
@@ -142,9 +146,11 @@ def mechanism(run_dir: Path, labels: np.ndarray, noisy_ids: np.ndarray,
             keep_l.append(keep)
             if r.get("curr") is not None:
                 c = np.asarray(r["curr"], dtype=np.float64)
-                curr_l.append(c)
+                scored.append((ids, keep, c))
                 if keep.any() and ids.size > 1:
-                    rank = np.argsort(np.argsort(c, kind="stable"), kind="stable")
+                    srt = np.sort(c)  # mean rank of ties: (#below + #below-or-equal - 1) / 2
+                    rank = (np.searchsorted(srt, c, "left") + np.searchsorted(srt, c, "right")
+                            - 1) / 2
                     rank_l.append(rank[keep] / (ids.size - 1))
         ids, keep = np.concatenate(ids_l), np.concatenate(keep_l)
         kept = ids[keep]
@@ -160,12 +166,12 @@ def mechanism(run_dir: Path, labels: np.ndarray, noisy_ids: np.ndarray,
         series["class_share_min"].append(float(share.min()))
         series["class_share_max"].append(float(share.max()))
         series["class_entropy_bits"].append(float(-(nz * np.log2(nz)).sum()))
-        if curr_l:
-            curr = np.concatenate(curr_l)
-            for name, sel in (("kept_clean", keep & ~noisy[ids]),
-                              ("unkept_clean", ~keep & ~noisy[ids]),
-                              ("kept_noisy", keep & noisy[ids]),
-                              ("unkept_noisy", ~keep & noisy[ids])):
+        if scored:
+            s_ids, s_keep, curr = (np.concatenate(x) for x in zip(*scored))
+            for name, sel in (("kept_clean", s_keep & ~noisy[s_ids]),
+                              ("unkept_clean", ~s_keep & ~noisy[s_ids]),
+                              ("kept_noisy", s_keep & noisy[s_ids]),
+                              ("unkept_noisy", ~s_keep & noisy[s_ids])):
                 series[f"score_{name}"].append(mean(curr[sel]))
             series["kept_score_rank"].append(mean(np.concatenate(rank_l)) if rank_l else None)
         else:
@@ -257,14 +263,21 @@ def _kept(run_dir: Path) -> list[list[int]]:
 
 def mechanism_main(a: argparse.Namespace) -> None:
     reg = nc.REGIMES[a.regime]
+    if not reg.pool or reg.data != "fmnist":
+        raise SystemExit(f"--mechanism --regime {a.regime}: audits the Fashion-MNIST pool "
+                         "regimes (their grid records every step's samples; the class mix "
+                         "needs Fashion-MNIST's labels): choose one of "
+                         f"{sorted(n for n, r in nc.REGIMES.items() if r.pool and r.data == 'fmnist')}")
     noise = reg.noise if a.noise is None else a.noise
     data = nc.dataset(reg, noise, REPO / "data" / "nc")
     labels = true_labels(reg)
     noisy_ids = np.load(data / "train" / "noise_ledger.npy")
     out = common.RESULTS / f"selection_audit_{a.regime}.json"
     res: dict[str, Any] = {"regime": a.regime, "noise": noise, "seed": a.seed, "runs": {}}
-    if out.exists():
-        res = json.loads(out.read_text())
+    if out.exists():  # add to (or replace in) the audit of the same runs
+        old = json.loads(out.read_text())
+        if (old.get("noise"), old.get("seed")) == (noise, a.seed):
+            res = old
     for strategy in a.strategy or ["full", "random", "dissect_warmup", "dissect_momentum"]:
         ratio = 1.0 if strategy == "full" else a.ratio
         run = nc.Run(reg.name, strategy, strategy, noise, ratio, a.seed)

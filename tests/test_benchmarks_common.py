@@ -5,6 +5,7 @@ as files, as the READMEs invoke them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,19 +72,26 @@ def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name
                            *(POOL_KEYS if reg.pool else ()), *dict(run.extra)}, run.key
         if reg.pool:
             pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got)
-        elif run.strategy == "full":
+        else:  # every run loads the config's batch and logs once per epoch
             assert got["train"]["log_every"] == reg.steps_per_epoch
             assert got["train"]["eval_every"] == reg.eval_every_epochs * reg.steps_per_epoch
-    # the regime as the results file records it is the config's trainer settings
-    assert (reg.model, reg.batch_per_rank, reg.epochs, reg.lr, reg.workers) == (
-        base["model"]["name"], base["data"]["batch_size"], base["train"]["epochs"],
-        base["optim"]["lr"], base["data"]["workers"])
+        if run.strategy == "full":
+            # the regime as the results file records it is the full run's trainer settings
+            assert (reg.model, reg.batch_per_rank, reg.epochs, reg.lr, reg.workers) == (
+                got["model"]["name"], got["data"]["batch_size"], got["train"]["epochs"],
+                got["optim"]["lr"], got["data"]["workers"]), run.key
+
+
+def base_steps(reg) -> int:
+    """Steps of the regime config's own full-data run, from the config file."""
+    cfg = load_config(str(reg.config), []).to_dict()
+    return cfg["train"]["epochs"] * (reg.train_pairs // (nc.RANKS * cfg["data"]["batch_size"]))
 
 
 def pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got):
     data, train = got["data"], got["train"]
     spe = reg.train_pairs // (nc.RANKS * data["batch_size"])
-    assert train["max_steps"] == reg.steps == reg.epochs * reg.steps_per_epoch, run.key
+    assert train["max_steps"] == reg.steps == base_steps(reg), run.key
     assert spe * train["epochs"] >= reg.steps > spe * (train["epochs"] - 1), run.key
     trained = round(run.ratio * nc.RANKS * data["batch_size"])  # the selector's global k
     assert trained == nc.RANKS * reg.batch_per_rank, run.key
@@ -94,8 +102,9 @@ def pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got):
     assert train["log_every"] == spe and train["eval_every"] % spe == 0, run.key
     assert abs(train["eval_every"] - reg.eval_every_epochs * reg.steps_per_epoch) < spe
     if "selection.warmup_epochs" not in dict(run.extra):  # T_w: the config's share of the run
-        assert got["selection"]["warmup_epochs"] == round(
-            reg.warmup_epochs / reg.epochs * train["epochs"]), run.key
+        cfg = load_config(str(reg.config), []).to_dict()
+        share = cfg["selection"]["warmup_epochs"] / cfg["train"]["epochs"]
+        assert abs(got["selection"]["warmup_epochs"] * spe / reg.steps - share) <= spe / reg.steps
     assert train["record_samples"] is True
 
 
@@ -140,3 +149,50 @@ def test_each_script_runs_as_the_readmes_invoke_it(script, style, tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage:"), r.stdout[:500]
+
+
+def _rows(spe: int, steps: int, eval_every: int, scored: bool) -> list[dict]:
+    """A run's metrics rows as the trainer writes them: a train row per epoch and at the
+    last step, an epoch row per finished epoch, evaluations on their cadence and last."""
+    rows: list[dict] = []
+    for s in range(1, steps + 1):
+        if s % spe == 0 or s == steps:
+            rows.append({"step": s, "kind": "train", "trained_total": 64 * s,
+                         "samples_seen": 64 * s, "kept_precision": 0.6})
+        if s % eval_every == 0 or s == steps:
+            rows.append({"step": s, "kind": "eval", "i2t_R@1": 0.01 * s / steps,
+                         "t2i_R@1": 0.0, "eval_s": 0.1})
+        if s % spe == 0:
+            rows.append({"step": s, "kind": "epoch", "epoch": s // spe - 1,
+                         "key_auroc_clean_vs_noisy": 0.5 if scored else None,
+                         **({"mean_score_clean": 20.0, "mean_score_noisy": 15.0,
+                             "shadow_delta_auroc_clean_vs_noisy": 0.5} if not scored else {})})
+    return rows
+
+
+def test_a_pool_run_stopped_mid_epoch_is_summarised_and_plotted_by_step(tmp_path):
+    """icons-pool at r = 0.3: 67-step epochs of the pool, 1125 steps, so the last train
+    row (step 1125) has no epoch row; the lists keep their own steps and the report draws."""
+    from benchmarks import nc_report
+
+    reg = nc.REGIMES["icons-pool"]
+    res = {"runs": {}, "meta": {"regimes": {reg.name: dataclasses.asdict(reg)}}}
+    for strategy, ratio in (("full", 1.0), ("dissect_momentum", 0.3)):
+        run = nc.Run(reg.name, strategy, strategy, reg.noise, ratio, 0)
+        p = nc.pool_settings(reg, strategy, ratio)
+        rows = _rows(p.steps_per_epoch, reg.steps, p.eval_every, strategy != "full")
+        s = nc.summarise(rows, reg, strategy, ratio)
+        res["runs"][run.key] = {**dataclasses.asdict(run), "key": run.key, "wall_s": 1.0, **s}
+    dm = res["runs"]["icons-pool/dissect_momentum/noise0.4/r0.3/seed0"]
+    assert dm["train_steps"][-2:] == [1072, 1125] and len(dm["train_steps"]) == 17
+    assert dm["epoch_steps"][-1] == 1072 and len(dm["delta_auroc"]) == 16
+    assert [c["step"] for c in dm["curve"]] == [201, 402, 603, 804, 1005, 1125]
+    assert (dm["loaded_samples"], dm["scored_samples"]) == (64 * 1125, 64 * 1125)
+    for rows in ("train", "epoch"):
+        lists = ("kept_precision",) if rows == "train" else ("delta_auroc", "score_clean")
+        for r in res["runs"].values():
+            for name in lists:
+                if r[name]:
+                    assert len(nc_report.steps_of(res, r, rows)) == len(r[name])
+    paths = nc_report.plots(res, reg.name, tmp_path / "nc")
+    assert {p.name for p in paths} >= {"icons-pool_timing.png", "icons-pool_kept_precision.png"}

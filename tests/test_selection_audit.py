@@ -89,8 +89,8 @@ def test_mechanism_splits_scores_by_kept_and_noisy_per_window_of_steps(tmp_path:
     assert m["score_kept_clean"] == [(10 + 8 + 7) / 3, (9 + 1 + 1) / 3]
     assert m["score_unkept_clean"] == [(4 + 5 + 6) / 3, (12 + 3 + 14) / 3]
     # one kept row of two had the higher score at every step (rank 1); where both were
-    # kept (rank 1, step 2, equal scores) they rank 0 and 1
-    assert m["kept_score_rank"] == [1.0, pytest.approx((1 + 1 + 0 + 1 + 1) / 5)]
+    # kept (rank 1, step 2, equal scores) they share the mean rank, 0.5
+    assert m["kept_score_rank"] == [1.0, pytest.approx((1 + 1 + 0.5 + 0.5 + 1) / 5)]
     assert m["times_trained"]["noisy"]["mean"] == 3.0  # steps 1, 2, 3
     assert m["times_trained"]["clean"]["mean"] == 2.0  # ids 0, 1, 2: once, twice, 3 times
     m["heldout"] = {"curve": [[2, 0.3], [4, 0.5]]}
@@ -102,3 +102,17 @@ def test_mechanism_splits_scores_by_kept_and_noisy_per_window_of_steps(tmp_path:
 def test_mechanism_refuses_a_run_without_a_sample_record(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="train.record_samples=true"):
         sa.mechanism(tmp_path, np.array([0]), np.array([], dtype=np.int64))
+
+
+def test_mechanism_scores_only_the_rows_that_were_scored(tmp_path: Path):
+    """A window mixing steps with and without scores (a record resumed across a change of
+    strategy) and a run shorter than the windows asked for."""
+    (tmp_path / "samples-rank0.jsonl").write_text(
+        json.dumps({"step": 0, "epoch": 0, "ids": [0, 1, 2], "keep": [True, False, False],
+                    "key": None, "curr": None}) + "\n"
+        + json.dumps({"step": 1, "epoch": 0, "ids": [1, 2], "keep": [False, True],
+                      "key": None, "curr": [3.0, 9.0]}) + "\n")
+    m = sa.mechanism(tmp_path, np.array([0, 1, 2]), noisy_ids=np.array([2]), windows=8)
+    assert m["window_end_step"] == [1, 2]  # two steps: two windows, not eight
+    assert m["score_kept_noisy"] == [None, 9.0] and m["score_unkept_clean"] == [None, 3.0]
+    assert m["kept_precision"] == [1.0, 0.0]
