@@ -213,12 +213,16 @@ def summary_line(strategy: str, x: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", default="memorise", choices=sorted(nc.REGIMES))
+    p.add_argument("--regime", default="memorise", choices=sorted(nc.REGIMES),
+                   help="the benchmark regime whose settings (or, with --mechanism, runs) "
+                   "are audited")
     p.add_argument("--noise", type=float, default=None,
                    help="the data's noise (default 0; with --mechanism the regime's)")
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--strategy", action="append", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratio", type=float, default=0.3, help="the selection ratio r")
+    p.add_argument("--strategy", action="append", default=None,
+                   help="a strategy to audit (repeatable; default random and "
+                   "dissect_momentum, with --mechanism also full and dissect_warmup)")
+    p.add_argument("--seed", type=int, default=0, help="the runs' seed")
     p.add_argument("--report", action="store_true",
                    help="only print the summary lines of the saved results")
     p.add_argument("--mechanism", action="store_true",
