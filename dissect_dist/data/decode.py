@@ -1,7 +1,8 @@
 """The image fast path: a torchvision/open_clip transform compiled into an `ImagePlan`
 that decodes each JPEG at the smallest DCT scale that still covers the output, crops
-and resizes with PIL, and returns uint8 (3, H, W) tensors; the float conversion and
-normalisation run on the training device (`ImagePlan.normalize`).
+and resizes it (torch's vectorised kernels, or PIL's), and returns uint8 (3, H, W)
+tensors; the float conversion and normalisation run on the training device
+(`ImagePlan.normalize`).
 
 Why the crop distribution is unchanged. RandomResizedCrop draws its box (top, left,
 height, width) from the image's height and width only, through torch's global RNG.
@@ -14,7 +15,16 @@ reduced decoding. Only then is the decode scale chosen, as the largest s in
 libjpeg's DCT scaling at 1/s maps full-size coordinate x to x / s, so the box is
 divided by s and the crop's content is the same region of the photograph, resampled
 from fewer source pixels (never fewer than the output has: the resize still only
-shrinks). At s = 1 the pixels are bit-identical to the full-decode transform.
+shrinks).
+
+How the crop is resampled (`resampling`). "exact": PIL's own resize of the exact (fractional)
+box, as the transform does: at s = 1 the pixels are bit-identical to the full-decode
+transform. "fast" (the default): torch's antialiased uint8 resampling
+(`F.interpolate(..., antialias=True)`, whose kernels are PIL's bilinear and bicubic,
+vectorised: ~6x faster than PIL's on a 400 px crop), at most 1 grey level from PIL's
+result (tests), on the box rounded to whole pixels of the decoded image (at s > 1 its
+edges move by at most s / 2 full-size pixels; at s = 1 the box is whole already). Other
+PIL filters (nearest, box, hamming, lanczos) always take PIL's path.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +45,7 @@ JPEG_SCALES = (8, 4, 2, 1)  # libjpeg's DCT scaling factors that PIL's draft exp
 _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
                 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+_TORCH_MODES = {3: "bicubic", 2: "bilinear"}  # PIL filter -> F.interpolate mode (antialiased)
 
 
 class PlanError(ValueError):
@@ -59,10 +71,12 @@ class ImagePlan:
     resize: int | tuple[int, int] = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True  # reduced-size JPEG decoding; False decodes every JPEG at full size
+    resampling: Literal["fast", "exact"] = "fast"  # see the module docstring
     transform: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_transform(cls, transform: Any, *, draft: bool = True,
+                       resampling: Literal["fast", "exact"] = "fast",
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePlan:
         """Compile a torchvision Compose (open_clip's train or eval transform). Raises
         PlanError naming the first step it cannot reproduce."""
@@ -109,8 +123,10 @@ class ImagePlan:
                             "needs both")
         geo.pop("crop", None)
         geo["size"] = (int(geo["size"][0]), int(geo["size"][1]))
-        return cls(**geo, mean=mean, std=std, draft=draft, max_pixels=max_pixels,
-                   transform=transform)
+        if resampling not in ("fast", "exact"):
+            raise PlanError(f"resampling={resampling!r}: choose 'fast' or 'exact'")
+        return cls(**geo, mean=mean, std=std, draft=draft, resampling=resampling,
+                   max_pixels=max_pixels, transform=transform)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """The original transform on a PIL image (float, normalised), for callers that
@@ -182,6 +198,9 @@ class ImagePlan:
         return (new_long, self.resize) if w <= h else (self.resize, new_long)
 
     def _finish(self, im: Any, box: tuple[float, float, float, float], s: int) -> torch.Tensor:
+        mode = _TORCH_MODES.get(self.resample) if self.resampling == "fast" else None
+        if mode is not None:
+            return self._finish_torch(im, box, s, mode)
         if self.kind == "random_resized_crop":
             # Crop the covering whole-pixel box of the reduced image, then resample the
             # exact (fractional) box from it; at s = 1 this is crop + resize, as torchvision.
@@ -202,16 +221,60 @@ class ImagePlan:
         arr = np.asarray(im)  # (H, W, 3) uint8
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
+    def _finish_torch(self, im: Any, box: tuple[float, float, float, float], s: int,
+                      mode: str) -> torch.Tensor:
+        """`_finish` through torch's antialiased uint8 kernels (resampling "fast")."""
+        import torch.nn.functional as F
+
+        if self.kind == "random_resized_crop":
+            x0, y0, x1, y1 = (round(v / s) for v in box)
+            x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
+            im = im.crop((x0, y0, x1, y1))
+            size = self.size
+        else:  # the whole decoded image (at s > 1 its size rounds up: at most 1 px more)
+            size = self._resized(int(box[3]), int(box[2]))
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.asarray(im))  # (H, W, 3)
+        # (1, 3, H, W) in channels-last memory, the layout of the vectorised uint8 kernel
+        x = x.permute(2, 0, 1).unsqueeze(0)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=list(size), mode=mode, antialias=True)
+        out = x[0]
+        if self.kind != "random_resized_crop" and tuple(size) != self.size:
+            import torchvision.transforms.functional as TF
+
+            out = TF.center_crop(out, list(self.size))
+        return out.contiguous()
+
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, device: torch.device | str,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 (k, 3, H, W) -> normalised `dtype` on `device`: the same float32
         operations as ToTensor + Normalize (x / 255, then (x - mean) / std), so the
         values are bit-identical to the CPU transform's before the cast to `dtype`."""
-        x = images.to(device, non_blocking=True).to(torch.float32).div(255)
+        images = images.to(device, non_blocking=True)
+        if images.device.type == "cpu" and images.dim() == 4 and images.dtype == torch.uint8:
+            return self._normalize_lut(images).to(dtype)
+        return self._normalize_float(images).to(dtype)
+
+    def _normalize_float(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32).div(255)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
         std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device)
-        return x.sub_(mean[:, None, None]).div_(std[:, None, None]).to(dtype)
+        return x.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+    def _normalize_lut(self, images: torch.Tensor) -> torch.Tensor:
+        """On the CPU: one table lookup per value. The table is `_normalize_float` of the
+        256 uint8 values of each channel (the same float32 operations, so the same bits),
+        and reading it costs ~0.4x the three float passes over the batch."""
+        table = self._normalize_float(
+            torch.arange(256, dtype=torch.uint8).expand(len(self.mean), 1, 256)).numpy()
+        src = images.numpy()
+        out = np.empty(src.shape, dtype=np.float32)
+        for c in range(src.shape[1]):
+            np.take(table[c, 0], src[:, c], out=out[:, c], mode="clip")  # uint8: in range
+        return torch.from_numpy(out)
 
 
 class TooManyPixels(ValueError):
