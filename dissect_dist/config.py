@@ -66,12 +66,20 @@ class DataConfig:
     noise_ledger: str | None = None  # ids of corrupted pairs: evaluation only
     zeroshot_dir: str | None = None  # a builder's output dir holding test/ and classes.json
     retrieval_manifest: str | None = None  # held-out pairs for image<->text retrieval
+    # How a decoded crop is resized to the model's input (dissect_dist/data/decode.py).
+    # fast: torch's vectorised antialiased kernels (PIL's bicubic/bilinear filters, within
+    # one grey level of PIL's output) on the crop box rounded to whole decoded pixels (a
+    # shift of under half an output pixel when the JPEG was decoded at reduced size).
+    # exact: PIL's resize of the exact box, as open_clip's transform (~6x slower per crop).
+    resampling: Literal["fast", "exact"] = "fast"
 
     def __post_init__(self) -> None:
         _check(bool(self.train_manifest), "data.train_manifest",
                "required: the manifest.json of the training shards")
         _check(self.batch_size >= 1, "data.batch_size", f"{self.batch_size}: need >= 1")
         _check(self.workers >= 0, "data.workers", f"{self.workers}: need >= 0")
+        _check(self.resampling in ("fast", "exact"), "data.resampling",
+               f"{self.resampling!r}: choose fast or exact")
         _check(self.shuffle_window >= 1, "data.shuffle_window",
                f"{self.shuffle_window}: need >= 1 (shards whose samples are shuffled "
                "together; 1 = within each shard)")

@@ -60,8 +60,8 @@ class Trainer:
         self.model, pre_train, pre_eval, tokenizer = modellib.create(
             cfg.model.name, cfg.model.pretrained, attention=cfg.model.attention)
         # Reduced-size JPEG decoding, uint8 batches normalised on the device (data/decode.py).
-        pre_train, pre_eval = ImagePlan.from_transform(pre_train), \
-            ImagePlan.from_transform(pre_eval)
+        pre_train, pre_eval = (ImagePlan.from_transform(t, resampling=cfg.data.resampling)
+                               for t in (pre_train, pre_eval))
         self.manifest = Manifest.load(cfg.data.train_manifest)
         self.loader = WebDatasetLoader(
             self.manifest, rank=self.rank, world_size=self.world,

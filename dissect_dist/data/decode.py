@@ -1,7 +1,8 @@
 """The image fast path: a torchvision/open_clip transform compiled into an `ImagePlan`
 that decodes each JPEG at the smallest DCT scale that still covers the output, crops
-and resizes with PIL, and returns uint8 (3, H, W) tensors; the float conversion and
-normalisation run on the training device (`ImagePlan.normalize`).
+and resizes it (torch's vectorised kernels, or PIL's), and returns uint8 (3, H, W)
+tensors; the float conversion and normalisation run on the training device
+(`ImagePlan.normalize`).
 
 Why the crop distribution is unchanged. RandomResizedCrop draws its box (top, left,
 height, width) from the image's height and width only, through torch's global RNG.
@@ -14,7 +15,17 @@ reduced decoding. Only then is the decode scale chosen, as the largest s in
 libjpeg's DCT scaling at 1/s maps full-size coordinate x to x / s, so the box is
 divided by s and the crop's content is the same region of the photograph, resampled
 from fewer source pixels (never fewer than the output has: the resize still only
-shrinks). At s = 1 the pixels are bit-identical to the full-decode transform.
+shrinks).
+
+How the crop is resampled (`resampling`). "exact": PIL's own resize of the exact (fractional)
+box, as the transform does: at s = 1 the pixels are bit-identical to the full-decode
+transform. "fast" (the default): torch's antialiased uint8 resampling
+(`F.interpolate(..., antialias=True)`, whose kernels are PIL's bilinear and bicubic,
+vectorised: ~6x faster than PIL's on a 400 px crop), at most 1 grey level from PIL's
+result (tests), on the box rounded to whole pixels of the decoded image (at s > 1 its
+edges move by at most s / 2 full-size pixels, under half an output pixel; at s = 1 the
+box is whole already). Other PIL filters (nearest, box, hamming, lanczos) always take
+PIL's path.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,7 +45,14 @@ JPEG_SCALES = (8, 4, 2, 1)  # libjpeg's DCT scaling factors that PIL's draft exp
 # EXIF orientation tag -> the PIL transpose that shows the image upright (EXIF 2.3, tag 0x0112).
 _ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
                 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+# EXIF orientation -> (upright x, upright y) run against the stored axis they come from. At
+# DCT scale 1/s a stored side L decodes to ceil(L / s) pixels, the last one covering only
+# L - s * (ceil(L / s) - 1) full-size pixels; on a reversed axis that partial pixel comes
+# first, so full-size coordinate u sits at (u + s * ceil(L / s) - L) / s, not u / s.
+_REVERSED = {2: (True, False), 3: (True, True), 4: (False, True), 5: (False, False),
+             6: (True, False), 7: (True, True), 8: (False, True)}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+_TORCH_MODES = {3: "bicubic", 2: "bilinear"}  # PIL filter -> F.interpolate mode (antialiased)
 
 
 class PlanError(ValueError):
@@ -59,10 +78,12 @@ class ImagePlan:
     resize: int | tuple[int, int] = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True  # reduced-size JPEG decoding; False decodes every JPEG at full size
+    resampling: Literal["fast", "exact"] = "fast"  # see the module docstring
     transform: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_transform(cls, transform: Any, *, draft: bool = True,
+                       resampling: Literal["fast", "exact"] = "fast",
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePlan:
         """Compile a torchvision Compose (open_clip's train or eval transform). Raises
         PlanError naming the first step it cannot reproduce."""
@@ -107,10 +128,17 @@ class ImagePlan:
             missing = "resize or crop" if not geo else "ToTensor"
             raise PlanError(f"transform {transform!r} has no {missing} step: the fast path "
                             "needs both")
+        if geo["kind"] == "resize_center_crop" and isinstance(geo["resize"], int) \
+                and "crop" not in geo:
+            raise PlanError(f"transform {transform!r} resizes the shorter side alone, which "
+                            "gives images of different shapes that cannot be batched: add a "
+                            "CenterCrop, or resize to (height, width)")
         geo.pop("crop", None)
         geo["size"] = (int(geo["size"][0]), int(geo["size"][1]))
-        return cls(**geo, mean=mean, std=std, draft=draft, max_pixels=max_pixels,
-                   transform=transform)
+        if resampling not in ("fast", "exact"):
+            raise PlanError(f"resampling={resampling!r}: choose 'fast' or 'exact'")
+        return cls(**geo, mean=mean, std=std, draft=draft, resampling=resampling,
+                   max_pixels=max_pixels, transform=transform)
 
     def __call__(self, image: Any) -> torch.Tensor:
         """The original transform on a PIL image (float, normalised), for callers that
@@ -152,10 +180,14 @@ class ImagePlan:
                 if abs(got - s) > 1e-9:
                     raise ValueError(f"reduced JPEG decoding gave scale 1/{got}, wanted 1/{s}")
         im.load()
+        off = (0.0, 0.0)  # where full-size coordinate 0 sits in the decoded image, / s
         if orient in _ORIENTATION:
             im = im.transpose(getattr(Image.Transpose, _ORIENTATION[orient]))
+            rev_x, rev_y = _REVERSED[orient]
+            off = ((-(-w // s) * s - w) / s if rev_x else 0.0,
+                   (-(-h // s) * s - h) / s if rev_y else 0.0)
         im = to_rgb(im)
-        return self._finish(im, box, s)
+        return self._finish(im, box, s, off)
 
     def decode_full(self, data: bytes) -> torch.Tensor:
         """As decode, at full size (no DCT scaling): the retry for a JPEG that reduced
@@ -181,11 +213,17 @@ class ImagePlan:
         new_long = int(self.resize * long / short)
         return (new_long, self.resize) if w <= h else (self.resize, new_long)
 
-    def _finish(self, im: Any, box: tuple[float, float, float, float], s: int) -> torch.Tensor:
+    def _finish(self, im: Any, box: tuple[float, float, float, float], s: int,
+                off: tuple[float, float]) -> torch.Tensor:
+        """Crop and resize the decoded upright image `im`: full-size coordinate (x, y) is
+        at (x / s + off[0], y / s + off[1]) in it."""
+        mode = _TORCH_MODES.get(self.resample) if self.resampling == "fast" else None
+        if mode is not None:
+            return self._finish_torch(im, box, s, off, mode)
         if self.kind == "random_resized_crop":
             # Crop the covering whole-pixel box of the reduced image, then resample the
             # exact (fractional) box from it; at s = 1 this is crop + resize, as torchvision.
-            x0, y0, x1, y1 = (v / s for v in box)
+            x0, y0, x1, y1 = (v / s + off[i % 2] for i, v in enumerate(box))
             left, top = math.floor(x0), math.floor(y0)
             right, bottom = min(math.ceil(x1), im.width), min(math.ceil(y1), im.height)
             im = im.crop((left, top, right, bottom))
@@ -196,22 +234,90 @@ class ImagePlan:
             import torchvision.transforms.functional as F
 
             rh, rw = self._resized(int(box[3]), int(box[2]))
-            im = im.resize((rw, rh), self.resample, box=(0, 0, box[2] / s, box[3] / s))
+            im = im.resize((rw, rh), self.resample,
+                           box=(off[0], off[1], box[2] / s + off[0], box[3] / s + off[1]))
             if (rh, rw) != self.size:
                 im = F.center_crop(im, list(self.size))
         arr = np.asarray(im)  # (H, W, 3) uint8
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
+    def _finish_torch(self, im: Any, box: tuple[float, float, float, float], s: int,
+                      off: tuple[float, float], mode: str) -> torch.Tensor:
+        """`_finish` through torch's antialiased uint8 kernels (resampling "fast")."""
+        import torch.nn.functional as F
+
+        if self.kind == "random_resized_crop":
+            x0, y0, x1, y1 = (round(v / s + off[i % 2]) for i, v in enumerate(box))
+            x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
+            im = im.crop((x0, y0, x1, y1))
+            size = self.size
+        else:  # the whole picture: at s > 1 without the partial decoded pixel if under half
+            x0, y0 = round(off[0]), round(off[1])
+            x1 = min(max(round(box[2] / s + off[0]), x0 + 1), im.width)
+            y1 = min(max(round(box[3] / s + off[1]), y0 + 1), im.height)
+            if (x0, y0, x1, y1) != (0, 0, im.width, im.height):
+                im = im.crop((x0, y0, x1, y1))
+            size = self._resized(int(box[3]), int(box[2]))
+        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(np.asarray(im))  # (H, W, 3)
+        # (1, 3, H, W) in channels-last memory, the layout of the vectorised uint8 kernel
+        x = x.permute(2, 0, 1).unsqueeze(0)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=list(size), mode=mode, antialias=True)
+        out = x[0]
+        if self.kind != "random_resized_crop" and tuple(size) != self.size:
+            import torchvision.transforms.functional as TF
+
+            out = TF.center_crop(out, list(self.size))
+        return out.contiguous()
+
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, device: torch.device | str,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (k, 3, H, W) -> normalised `dtype` on `device`: the same float32
-        operations as ToTensor + Normalize (x / 255, then (x - mean) / std), so the
-        values are bit-identical to the CPU transform's before the cast to `dtype`."""
-        x = images.to(device, non_blocking=True).to(torch.float32).div(255)
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device)
-        return x.sub_(mean[:, None, None]).div_(std[:, None, None]).to(dtype)
+        """uint8 (k, 3, H, W) -> normalised `dtype` on `device`, through `table()`: the
+        values are bit-identical to the CPU transform's (ToTensor + Normalize) before the
+        cast to `dtype`."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(f"ImagePlan.normalize takes uint8 (k, C, H, W) batches, got "
+                            f"{images.dtype} {tuple(images.shape)}")
+        images = images.to(device, non_blocking=True)
+        if images.device.type == "cpu":
+            return _lookup_numpy(images, self.table()).to(dtype)
+        return _lookup_torch(images, self.table(), dtype)
+
+    def table(self) -> torch.Tensor:
+        """(C, 256) float32: ToTensor + Normalize of each uint8 value of each channel, the
+        same float32 operations on the CPU (x / 255, then (x - mean) / std), so a lookup
+        gives the transform's bits on any device (a GPU's own `x.div(255)` multiplies by
+        a rounded 1/255 instead) and costs one read per value instead of three float
+        passes over the batch (~0.3x on a CPU)."""
+        x = torch.arange(256, dtype=torch.float32).expand(len(self.mean), 256).div(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32)[:, None]
+        std = torch.as_tensor(self.std, dtype=torch.float32)[:, None]
+        return x.sub(mean).div(std)
+
+
+def _lookup_numpy(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float32 table[c][images[:, c]] on the CPU (numpy's take reads uint8 indices as
+    they are; they are always in range)."""
+    src, tab = images.numpy(), table.numpy()
+    out = np.empty(src.shape, dtype=np.float32)
+    for c in range(src.shape[1]):
+        np.take(tab[c], src[:, c], out=out[:, c], mode="clip")
+    return torch.from_numpy(out)
+
+
+def _lookup_torch(images: torch.Tensor, table: torch.Tensor, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """`dtype` table[c][images[:, c]] on the images' device (int32 indices, one channel at
+    a time: the transient index tensor is 4 bytes per value of one channel)."""
+    tab = table.to(images.device, non_blocking=True).to(dtype)
+    out = torch.empty(images.shape, dtype=dtype, device=images.device)
+    for c in range(images.shape[1]):
+        idx = images[:, c].reshape(-1).to(torch.int32)
+        out[:, c] = tab[c].index_select(0, idx).view(out[:, c].shape)
+    return out
 
 
 class TooManyPixels(ValueError):
