@@ -102,9 +102,12 @@ def tables(res: dict[str, Any], regime: str) -> str:
         cost = (f"{np.mean([r['loaded_samples'] for r in rs]):.0f} / "
                 f"{np.mean([r['scored_samples'] for r in rs]):.0f}"
                 if all("scored_samples" in r for r in rs) else "-")
+        final, best = _ms([r['final'] for r in rs]), _ms([r['best'] for r in rs])
+        if all("final_R@10" in r for r in rs):  # retrieval: R@10 beside R@1
+            final += f" (R@10 {_ms([r['final_R@10'] for r in rs])})"
+            best += f" (R@10 {_ms([r['best_R@10'] for r in rs])})"
         lines.append(
-            f"| {label} | {len(rs)} | {_ms([r['final'] for r in rs])} | "
-            f"{_ms([r['best'] for r in rs])} | {_ms(kp)} | {au_s} | "
+            f"| {label} | {len(rs)} | {final} | {best} | {_ms(kp)} | {au_s} | "
             f"{np.mean([r['trained_samples'] for r in rs]):.0f} | {cost} | {reach_s} | "
             f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
     seed0 = min(r["seed"] for r in reg_runs)

@@ -356,6 +356,9 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
                                 else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
     curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "metric": m}
              for s, m in sorted(evals.items())]
+    r10 = {x["step"]: (x["i2t_R@10"] + x["t2i_R@10"]) / 2 for x in rows
+           if x["kind"] == "eval" and "i2t_R@10" in x}  # icons: R@1 moves by 1/held-out
+    extra = {"final_R@10": r10[max(r10)], "best_R@10": max(r10.values())} if r10 else {}
     train_rows = [x for x in rows if x["kind"] == "train"]
     epochs = [x for x in rows if x["kind"] == "epoch"]
     n_ep = len(epochs)
@@ -382,6 +385,7 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
         "score_clean": [_finite(x.get("mean_score_clean")) for x in epochs],
         "score_noisy": [_finite(x.get("mean_score_noisy")) for x in epochs],
         "key_hist": {str(i): epochs[i]["key_hist"] for i in hist_at if "key_hist" in epochs[i]},
+        **extra,
     }
 
 

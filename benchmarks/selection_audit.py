@@ -19,7 +19,7 @@ audits the noisy-correspondence benchmark's own runs of a regime instead (their 
 records, kept in runs/nc by the grid), per window of steps: kept precision, distinct pairs
 trained, repetition, class mix, times each pair was trained, the scores of kept and unkept
 clean and noisy pairs, and the held-out curve's peak and decline. Writes
-benchmarks/results/selection_audit_<regime>.json.
+benchmarks/results/selection_audit_<regime>_noise<n>_seed<s>.json and .png.
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ def main() -> None:
                    "pairs, repetition, class mix, times trained, scores of kept and unkept "
                    "pairs; a strategy without a scoring pass is rerun with "
                    "train.diagnose_scores=true (its kept ids are checked equal to the grid "
-                   "run's). Writes benchmarks/results/selection_audit_<regime>.json")
+                   "run's). Writes benchmarks/results/selection_audit_<regime>_noise<n>_"
+                   "seed<s>.json and .png")
     a = p.parse_args()
     if a.mechanism:
         return mechanism_main(a)
@@ -276,12 +277,10 @@ def mechanism_main(a: argparse.Namespace) -> None:
     data = nc.dataset(reg, noise, REPO / "data" / "nc")
     labels = true_labels(reg)
     noisy_ids = np.load(data / "train" / "noise_ledger.npy")
-    out = common.RESULTS / f"selection_audit_{a.regime}.json"
+    out = common.RESULTS / f"selection_audit_{a.regime}_noise{noise:g}_seed{a.seed}.json"
     res: dict[str, Any] = {"regime": a.regime, "noise": noise, "seed": a.seed, "runs": {}}
     if out.exists():  # add to (or replace in) the audit of the same runs
-        old = json.loads(out.read_text())
-        if (old.get("noise"), old.get("seed")) == (noise, a.seed):
-            res = old
+        res = json.loads(out.read_text())
     for strategy in a.strategy or ["full", "random", "dissect_warmup", "dissect_momentum"]:
         ratio = 1.0 if strategy == "full" else a.ratio
         run = nc.Run(reg.name, strategy, strategy, noise, ratio, a.seed)
