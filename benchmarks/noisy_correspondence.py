@@ -8,7 +8,7 @@ with a known fraction of swapped captions, in two regimes.
 
 Every run goes through the real trainer (`deepspeed launch/train.py`, 2 CPU ranks, global
 ranking unless the row says local) with the same number of steps, so a selection run
-trains on r x the samples of the full-data run. Finished runs are kept in the results
+trains on r x the samples of the full-data run (in the pool regimes: on as many). Finished runs are kept in the results
 JSON (written after every run) and skipped on re-run, so the grid can be completed over
 several invocations; `--budget-min` stops starting new runs after that many minutes.
 Runs are ordered so that a partial grid is useful: the main table's first seed in every
@@ -26,6 +26,12 @@ benchmarks/README.md says how they were chosen and sized):
             few pairs, many epochs. Exploratory: one seed, full / random / DISSect.
             nc-icons.yaml
   quick     (`--quick`) the smoke run of the test suite. nc-quick.yaml
+  pool      (`--regime pool`) memorise's data and settings, but every strategy trains as
+            many rows per step as full: a selection run loads and scores a pool of B / r
+            per rank and trains B of it (the paper's design). tiny-cpu.yaml
+  icons-pool  (`--regime icons-pool`) the same design on all 16,034 icons, 20 epochs, 2
+            seeds of full / random / dissect_warmup / dissect_momentum. nc-icons-pool.yaml
+  pool-quick  the test suite's smoke run of the pool design. nc-quick.yaml
 Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split, icon runs
 by image<->text retrieval R@1 on the held-out icons (mean of both directions).
 """
