@@ -171,8 +171,9 @@ def _rows(spe: int, steps: int, eval_every: int, scored: bool) -> list[dict]:
 
 
 def test_a_pool_run_stopped_mid_epoch_is_summarised_and_plotted_by_step(tmp_path):
-    """icons-pool at r = 0.3: 67-step epochs of the pool, 1125 steps, so the last train
-    row (step 1125) has no epoch row; the lists keep their own steps and the report draws."""
+    """icons-pool at r = 0.3: 67-step epochs of the pool and a step count that is not a
+    multiple of it, so the last train row has no epoch row; the lists keep their own steps
+    and the report draws."""
     from benchmarks import nc_report
 
     reg = nc.REGIMES["icons-pool"]
@@ -184,10 +185,14 @@ def test_a_pool_run_stopped_mid_epoch_is_summarised_and_plotted_by_step(tmp_path
         s = nc.summarise(rows, reg, strategy, ratio)
         res["runs"][run.key] = {**dataclasses.asdict(run), "key": run.key, "wall_s": 1.0, **s}
     dm = res["runs"]["icons-pool/dissect_momentum/noise0.4/r0.3/seed0"]
-    assert dm["train_steps"][-2:] == [1072, 1125] and len(dm["train_steps"]) == 17
-    assert dm["epoch_steps"][-1] == 1072 and len(dm["delta_auroc"]) == 16
-    assert [c["step"] for c in dm["curve"]] == [201, 402, 603, 804, 1005, 1125]
-    assert (dm["loaded_samples"], dm["scored_samples"]) == (64 * 1125, 64 * 1125)
+    p = nc.pool_settings(reg, "dissect_momentum", 0.3)
+    spe, steps, every = p.steps_per_epoch, reg.steps, p.eval_every
+    whole = steps // spe  # finished pool epochs
+    assert spe == 67 and steps % spe  # the case under test: a partial last epoch
+    assert dm["train_steps"][-2:] == [whole * spe, steps] and len(dm["train_steps"]) == whole + 1
+    assert dm["epoch_steps"][-1] == whole * spe and len(dm["delta_auroc"]) == whole
+    assert [c["step"] for c in dm["curve"]] == [*range(every, steps + 1, every), steps]
+    assert (dm["loaded_samples"], dm["scored_samples"]) == (64 * steps, 64 * steps)
     for rows in ("train", "epoch"):
         lists = ("kept_precision",) if rows == "train" else ("delta_auroc", "score_clean")
         for r in res["runs"].values():
