@@ -4,7 +4,9 @@
             by torch's vectorised kernels (data.resampling=fast), captions from the token
             cache (filled once, before the timed runs), uint8 batches normalised on the
             device (here the CPU: the normalisation is timed too)
-  ours-exact  the same with PIL's resize of the exact box (data.resampling=exact)
+  ours-host the same without the normalisation: the host's share on a GPU machine,
+            where the uint8 batch is normalised on the GPU
+  ours-exact  the same as ours with PIL's resize of the exact box (data.resampling=exact)
   main      the loader of another git revision (default 7b22067, the loader before the
             fast path), extracted with `git archive` and run as it is: full-size decode,
             the transform, per-batch tokenisation, float batches
@@ -13,10 +15,10 @@
 
 Every measurement runs in a fresh subprocess; the configurations alternate, `--repeats`
 rounds. Per core = samples / CPU seconds of the process and its worker processes; per
-worker = samples/s / workers. Also the cost of resuming ours at 90% of an epoch vs
+worker = samples/s / workers. Also the cost of resuming ours at 25, 50 and 90% of an epoch vs
 reading up to that point.
 
-    python benchmarks/loader_throughput.py [--samples 1000] [--workers 2] [--repeats 3]
+    python benchmarks/loader_throughput.py [--samples 3000] [--workers 2] [--repeats 3]
 
 Writes benchmarks/results/loader_throughput.json.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("ours", "ours-exact", "main", "wds", "pil")
+CONFIGS = ("ours", "ours-host", "ours-exact", "main", "wds", "pil")
 BASELINE = "7b22067"  # the loader before the fast path
 MODEL = "RN50"  # only its transform (224 px, RandomResizedCrop scale 0.9-1) and tokenizer
 
@@ -71,7 +73,7 @@ def one(a) -> dict:
     m = Manifest.load(str(Path(a.data) / "manifest.json"))
     pre, tok = _transform_and_tokenizer()
     n = 0
-    if a.one in ("ours", "ours-exact", "main"):
+    if a.one in ("ours", "ours-host", "ours-exact", "main"):
         ours = a.one != "main"
         if ours:
             from dissect_dist.data.decode import ImagePlan
@@ -81,8 +83,8 @@ def one(a) -> dict:
         loader = _loader(a, m, pre, tok, a.token_cache if ours else None)
         t0, c0 = time.perf_counter(), _cpu()
         for b in loader:
-            if ours:  # what the trainer does with each batch (main's are float)
-                b.images_on("cpu", torch.float32)
+            if ours and a.one != "ours-host":  # what the trainer does with each batch
+                b.images_on("cpu", torch.float32)  # (main's are float already)
             n += len(b.ids)
     elif a.one == "wds":
         import webdataset as wds
@@ -132,20 +134,24 @@ def resume_cost(a) -> dict[str, Any]:
     plan = ImagePlan.from_transform(pre)
     out: dict[str, Any] = {"at": []}
     for frac in (0.25, 0.5, 0.9):
+        # Both clocks stop when the batch arrives, before the loader's iterator is
+        # dropped (dropping it joins the workers: a cost of stopping, not of reading).
         first = _loader(a, m, plan, tok, a.token_cache)
         stop = max(1, int(frac * len(first)))
         t0 = time.perf_counter()
-        for i, _ in enumerate(first):
-            if i + 1 == stop:
-                break
+        it = iter(first)
+        for _ in range(stop):
+            next(it)
         t_read = time.perf_counter() - t0
         state = first.state_dict()
-        del first
+        del it, first
         t0 = time.perf_counter()
         resumed = _loader(a, m, plan, tok, a.token_cache)
         resumed.load_state_dict(state)
-        next(iter(resumed))
+        it = iter(resumed)
+        next(it)
         t_resume = time.perf_counter() - t0
+        del it, resumed
         out["at"].append({"fraction": frac, "batches_read": stop, "read_s": t_read,
                           "resume_to_first_batch_s": t_resume, "ratio": t_resume / t_read})
     last = out["at"][-1]  # the 90% point, as before
@@ -177,12 +183,13 @@ def _run(a, config: str, code: str, extra: list[str] | None = None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=1000, help="pairs in the photos set")
+    p.add_argument("--samples", type=int, default=3000, help="pairs in the photos set")
     p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of all configs")
-    p.add_argument("--data", default=str(REPO / "data" / "bench-photos"),
-                   help="the photos set (built here when absent)")
+    p.add_argument("--data", default="",
+                   help="the photos set (built here when absent; default "
+                   "data/bench-photos-<samples>)")
     p.add_argument("--baseline", default=BASELINE,
                    help="git revision whose loader is `main` (default: the loader before the "
                    "fast path)")
@@ -191,6 +198,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
                                         "loader_throughput.json"), help="result JSON")
     a = p.parse_args()
+    a.data = a.data or str(REPO / "data" / f"bench-photos-{a.samples}")
     if a.one == "resume":
         print(json.dumps(resume_cost(a)))
         return
@@ -211,8 +219,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a.token_cache = a.token_cache or str(Path(tmp) / "tokens")
         base_sha = _baseline(a.baseline, tmp)
-        code = {"ours": str(REPO), "ours-exact": str(REPO), "main": tmp, "wds": str(REPO),
-                "pil": str(REPO)}
+        code = {"ours": str(REPO), "ours-host": str(REPO), "ours-exact": str(REPO),
+                "main": tmp, "wds": str(REPO), "pil": str(REPO)}
         cold = _run(a, "ours", code["ours"])  # fills the token cache: reported, not compared
         print(f"  cold (token cache filled): ours {cold['samples'] / cold['wall_s']:.0f} "
               "samples/s", flush=True)
@@ -253,7 +261,10 @@ def main() -> None:
     print(f"\nours per core: {ratio['ours/main_per_core']:.2f}x main (target >= 2.5), "
           f"{ratio['ours/pil_per_core']:.2f}x decode-only PIL (target >= 1), "
           f"{ratio['ours/wds_per_core']:.2f}x webdataset, "
-          f"{ratio['ours/ours-exact_per_core']:.2f}x ours with exact resampling")
+          f"{ratio['ours/ours-exact_per_core']:.2f}x ours with exact resampling; without "
+          f"the normalisation (a GPU host's share) {1 / ratio['ours/ours-host_per_core']:.2f}x "
+          f"ours, {table['ours-host']['median_per_core'] / table['pil']['median_per_core']:.2f}x "
+          "decode-only PIL")
     for x in resume["at"]:
         print(f"resume at {x['fraction']:.0%} of a {resume['epoch_batches']}-batch epoch: "
               f"{x['resume_to_first_batch_s']:.2f}s to the first batch vs {x['read_s']:.2f}s "

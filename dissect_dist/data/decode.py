@@ -150,8 +150,9 @@ class ImagePlan:
         return out
 
     # ------------------------------------------------------------------ decoding
-    def decode(self, data: bytes) -> torch.Tensor:
-        """uint8 (3, H, W) from encoded image bytes. Raises OSError/ValueError (or
+    def decode(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (3, H, W) from encoded image bytes, written into `out` when given (a
+        slot of a batch: no separate copy per image). Raises OSError/ValueError (or
         PIL's UnidentifiedImageError / DecompressionBombError) on bad input; the torch
         RNG must be seeded by the caller, as for the transform."""
         from PIL import Image
@@ -188,12 +189,15 @@ class ImagePlan:
             off = ((-(-w // s) * s - w) / s if rev_x else 0.0,
                    (-(-h // s) * s - h) / s if rev_y else 0.0)
         im = to_rgb(im)
-        return self._finish(im, box, s, off)
+        img = self._finish(im, box, s, off)
+        if out is None:
+            return img.contiguous()
+        return out.copy_(img)
 
-    def decode_full(self, data: bytes) -> torch.Tensor:
+    def decode_full(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
         """As decode, at full size (no DCT scaling): the retry for a JPEG that reduced
         decoding rejects."""
-        return dataclasses.replace(self, draft=False).decode(data)
+        return dataclasses.replace(self, draft=False).decode(data, out)
 
     def _box(self, h: int, w: int) -> tuple[float, float, float, float]:
         if self.kind == "random_resized_crop":
@@ -217,7 +221,7 @@ class ImagePlan:
     def _finish(self, im: Any, box: tuple[float, float, float, float], s: int,
                 off: tuple[float, float]) -> torch.Tensor:
         """Crop and resize the decoded upright image `im`: full-size coordinate (x, y) is
-        at (x / s + off[0], y / s + off[1]) in it."""
+        at (x / s + off[0], y / s + off[1]) in it. uint8 (3, H, W), any memory layout."""
         mode = _TORCH_MODES.get(self.resample) if self.resampling == "fast" else None
         if mode is not None:
             return self._finish_torch(im, box, s, off, mode)
@@ -239,8 +243,7 @@ class ImagePlan:
                            box=(off[0], off[1], box[2] / s + off[0], box[3] / s + off[1]))
             if (rh, rw) != self.size:
                 im = F.center_crop(im, list(self.size))
-        arr = np.asarray(im)  # (H, W, 3) uint8
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return _chw_view(im)
 
     def _finish_torch(self, im: Any, box: tuple[float, float, float, float], s: int,
                       off: tuple[float, float], mode: str) -> torch.Tensor:
@@ -259,11 +262,8 @@ class ImagePlan:
             if (x0, y0, x1, y1) != (0, 0, im.width, im.height):
                 im = im.crop((x0, y0, x1, y1))
             size = self._resized(int(box[3]), int(box[2]))
-        with warnings.catch_warnings():  # PIL's buffer is read-only; nothing writes to it
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(np.asarray(im))  # (H, W, 3)
         # (1, 3, H, W) in channels-last memory, the layout of the vectorised uint8 kernel
-        x = x.permute(2, 0, 1).unsqueeze(0)
+        x = _chw_view(im).unsqueeze(0)
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=list(size), mode=mode, antialias=True)
         out = x[0]
@@ -271,7 +271,7 @@ class ImagePlan:
             import torchvision.transforms.functional as TF
 
             out = TF.center_crop(out, list(self.size))
-        return out.contiguous()
+        return out
 
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, device: torch.device | str,
@@ -331,6 +331,14 @@ def _lookup_torch(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         idx = images[:, c].reshape(-1).to(torch.int32)
         out[:, c] = table[c].index_select(0, idx).view(out[:, c].shape)
     return out
+
+
+def _chw_view(im: Any) -> torch.Tensor:
+    """uint8 (3, H, W) view of an RGB PIL image's pixels (channels-last memory, no copy
+    beyond numpy's export; read only: nothing writes to it)."""
+    with warnings.catch_warnings():  # PIL's buffer is read-only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
 
 
 class TooManyPixels(ValueError):

@@ -181,11 +181,11 @@ def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], torch.T
     return preprocess(image), caption
 
 
-def decode_planned(members: dict[str, bytes], plan: ImagePlan
-                   ) -> tuple[torch.Tensor, str, bool] | str:
-    """(uint8 image, caption, retried at full size) or the skip reason. The torch RNG
-    state is saved before a reduced-size decode so that a full-size retry draws the
-    same crop."""
+def decode_planned(members: dict[str, bytes], plan: ImagePlan,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, str, bool] | str:
+    """(uint8 image, caption, retried at full size) or the skip reason; the image is
+    written into `out` when given. The torch RNG state is saved before a reduced-size
+    decode so that a full-size retry draws the same crop."""
     from PIL import Image
 
     caption = _caption(members)
@@ -194,7 +194,7 @@ def decode_planned(members: dict[str, bytes], plan: ImagePlan
     data = members[next(e for e in IMAGE_EXTS if e in members)]
     rng = torch.get_rng_state()
     try:
-        return plan.decode(data), caption, False
+        return plan.decode(data, out), caption, False
     except (TooManyPixels, Image.DecompressionBombError):
         return "too_many_pixels"
     except _DECODE_ERRORS:
@@ -202,7 +202,7 @@ def decode_planned(members: dict[str, bytes], plan: ImagePlan
             return "undecodable_image"
     torch.set_rng_state(rng)
     try:
-        return plan.decode_full(data), caption, True
+        return plan.decode_full(data, out), caption, True
     except (TooManyPixels, Image.DecompressionBombError):
         return "too_many_pixels"
     except _DECODE_ERRORS:
@@ -236,6 +236,11 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
         shards, positions = self.manifest.locate(ids)
         plan = self.preprocess if isinstance(self.preprocess, ImagePlan) else None
         kept, images, captions, skipped, rows = [], [], [], [], []
+        slots = None
+        if plan is not None:  # decoded straight into the batch (one copy per image)
+            slots = torch.empty((len(ids), 3, *plan.size), dtype=torch.uint8)
+            if get_worker_info() is not None:
+                slots.share_memory_()  # handed to the main process without a copy
         for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
             key, got = reader.read(shard, pos)
             if isinstance(got, str):
@@ -249,7 +254,7 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
                 (self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
             res: tuple[Any, ...] | str
             if plan is not None:
-                res = decode_planned(got, plan)
+                res = decode_planned(got, plan, slots[len(kept)] if slots is not None else None)
                 if not isinstance(res, str) and res[2]:
                     skipped.append((RETRY_REASON, self.manifest.urls[shard], key))
             else:
@@ -267,10 +272,16 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             texts: Any = torch.from_numpy(np.stack(rows)).to(torch.int64)
         else:
             texts = self.tokenizer(captions) if (self.tokenizer and captions) else captions
+        # ids and tokens travel inline, as numpy arrays: a tensor crosses from a worker as
+        # a file descriptor that the main process fetches from the worker (a socket
+        # round trip served by a thread that waits for the decoding worker's GIL).
+        if isinstance(texts, torch.Tensor):
+            texts = texts.numpy()
         return {
             "index": j,
-            "ids": torch.tensor(kept, dtype=torch.int64),
-            "images": torch.stack(images) if images else torch.empty(0),
+            "ids": np.asarray(kept, dtype=np.int64),
+            "images": torch.empty(0) if not images else slots[:len(kept)]
+            if slots is not None else torch.stack(images),
             "texts": texts,
             "captions": captions,
             "skipped": skipped,
@@ -329,14 +340,16 @@ class WebDatasetLoader:
         stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
                               self.preprocess, self.tokenizer, self.opts, self.tokens)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, pin_memory=self.pin_memory)
+                            collate_fn=_identity, pin_memory=self.pin_memory,
+                            worker_init_fn=_worker_init if self.num_workers else None)
         for item in loader:
             if item["index"] != self.cursor:  # the order contract, checked on every batch
                 raise RuntimeError(f"loader produced batch {item['index']}, expected {self.cursor}")
             self._account(item["skipped"])
             self.cursor += 1
-            yield Batch(item["index"], item["ids"], item["images"], item["texts"],
-                        item["captions"], self.plan)
+            ids, texts = _tensor(item["ids"], self.pin_memory), _tensor(item["texts"],
+                                                                         self.pin_memory)
+            yield Batch(item["index"], ids, item["images"], texts, item["captions"], self.plan)
 
     def _account(self, skipped: list[tuple[str, str, str]]) -> None:
         for reason, shard, key in skipped:
@@ -384,5 +397,27 @@ class WebDatasetLoader:
         self.skipped = collections.Counter(sd.get("skipped", {}))
 
 
+# A worker hands each batch to the main process from a second thread (the queue's feeder
+# and the descriptor-passing server), which needs the GIL while the worker's own thread
+# decodes the next batch; at CPython's default 5 ms switch interval that costs tens of
+# milliseconds per batch of latency (the first batch after a start or a resume waits for
+# it). 0.2 ms hands the GIL over sooner.
+_WORKER_SWITCH_INTERVAL_S = 2e-4
+
+
+def _worker_init(_: int) -> None:
+    import sys
+
+    sys.setswitchinterval(_WORKER_SWITCH_INTERVAL_S)
+
+
 def _identity(x: Any) -> Any:
     return x
+
+
+def _tensor(x: Any, pin: bool) -> Any:
+    """A worker's numpy array as a tensor (no copy; page-locked when `pin`)."""
+    if not isinstance(x, np.ndarray):
+        return x
+    t = torch.from_numpy(x)
+    return t.pin_memory() if pin else t
