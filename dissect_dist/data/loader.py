@@ -235,12 +235,13 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
     def _make(self, j: int, ids: np.ndarray, reader: ShardReader) -> dict[str, Any]:
         shards, positions = self.manifest.locate(ids)
         plan = self.preprocess if isinstance(self.preprocess, ImagePlan) else None
-        kept, images, captions, skipped, rows = [], [], [], [], []
+        kept: list[int] = []
+        images, captions, skipped, rows = [], [], [], []
         slots = None
         if plan is not None:  # decoded straight into the batch (one copy per image)
             slots = torch.empty((len(ids), 3, *plan.size), dtype=torch.uint8)
             if get_worker_info() is not None:
-                slots.share_memory_()  # handed to the main process without a copy
+                slots.share_memory_()  # type: ignore[no-untyped-call]  # sent without a copy
         for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
             key, got = reader.read(shard, pos)
             if isinstance(got, str):

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,20 +37,42 @@ class TokenizerMismatch(ValueError):
     """A token cache built with another tokenizer."""
 
 
+# Vocabulary digests already computed, per live tokenizer object: hashing a 49k-entry
+# vocabulary takes ~50 ms, a cost every new loader (a resumed one too) paid again.
+_VOCAB_DIGESTS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
 def tokenizer_identity(tokenizer: Callable[[list[str]], Any]) -> dict[str, Any]:
     """What identifies a tokenizer's output: its class, context length, vocabulary size,
-    and a hash of its tokens for fixed probe texts plus of its vocabulary when it has one."""
+    and a hash of its tokens for fixed probe texts plus of its vocabulary when it has one
+    (that part computed once per tokenizer object)."""
     h = hashlib.sha256()
     out = torch.as_tensor(tokenizer(list(_PROBES)))
     h.update(str(tuple(out.shape)).encode())
     h.update(out.to(torch.int64).numpy().tobytes())
-    enc = getattr(tokenizer, "encoder", None)
-    if isinstance(enc, dict):
-        h.update(json.dumps(sorted(enc.items()), ensure_ascii=False).encode())
+    h.update(_vocab_digest(tokenizer))
     cls = type(tokenizer)
     return {"class": f"{cls.__module__}.{cls.__qualname__}",
             "context_length": int(out.shape[-1]),
             "vocab_size": getattr(tokenizer, "vocab_size", None), "sha256": h.hexdigest()}
+
+
+def _vocab_digest(tokenizer: Any) -> bytes:
+    """The bytes the identity hashes for the vocabulary: its sorted JSON when the
+    tokenizer has an `encoder` dict, else nothing."""
+    try:
+        return _VOCAB_DIGESTS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: not weakly referenceable
+        pass
+    enc = getattr(tokenizer, "encoder", None)
+    digest = b""
+    if isinstance(enc, dict):
+        digest = json.dumps(sorted(enc.items()), ensure_ascii=False).encode()
+    try:
+        _VOCAB_DIGESTS[tokenizer] = digest
+    except TypeError:
+        pass
+    return digest
 
 
 class TokenCache:
