@@ -72,6 +72,14 @@ class DataConfig:
     # shift of under half an output pixel when the JPEG was decoded at reduced size).
     # exact: PIL's resize of the exact box, as open_clip's transform (~6x slower per crop).
     resampling: Literal["fast", "exact"] = "fast"
+    # Where training JPEGs are decoded. workers: in the data workers (reduced-size DCT
+    # decoding, above). device: on the training device, in the training process
+    # (torchvision's decode_jpeg: nvJPEG on a GPU), at full size; the workers only read
+    # the bytes, draw the crop and tokenise, so a host with few cores per GPU keeps up.
+    # Images the device decoder does not take (not JPEG, CMYK) are still decoded by the
+    # workers. The resize runs in float32 on the device (within one grey level of the
+    # workers' uint8 kernel); evaluation sets are always decoded on the host.
+    decode: Literal["workers", "device"] = "workers"
 
     def __post_init__(self) -> None:
         _check(bool(self.train_manifest), "data.train_manifest",
@@ -80,6 +88,8 @@ class DataConfig:
         _check(self.workers >= 0, "data.workers", f"{self.workers}: need >= 0")
         _check(self.resampling in ("fast", "exact"), "data.resampling",
                f"{self.resampling!r}: choose fast or exact")
+        _check(self.decode in ("workers", "device"), "data.decode",
+               f"{self.decode!r}: choose workers or device")
         _check(self.shuffle_window >= 1, "data.shuffle_window",
                f"{self.shuffle_window}: need >= 1 (shards whose samples are shuffled "
                "together; 1 = within each shard)")

@@ -68,7 +68,7 @@ class Trainer:
             batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
             tokenizer=tokenizer, num_workers=cfg.data.workers,
             shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda",
-            token_cache=str(self.run_dir / "tokens"))
+            token_cache=str(self.run_dir / "tokens"), decode=cfg.data.decode)
         # How far the run has got, in samples (see dissect_dist/optim.py): a resume with
         # another world size ends after the same epochs, on the same learning-rate curve.
         self.progress = Progress(samples_seen=0, ref_batch=self.world * cfg.data.batch_size)
@@ -156,10 +156,11 @@ class Trainer:
         self.timer.start()
         # Counted before engine.step(), whose scheduler step then sets the next step's lr.
         self.progress.samples_seen += self.world * self.cfg.data.batch_size
-        # Page-locked on CUDA (the loader pins), so the copies run asynchronously.
+        # Page-locked on CUDA (the loader pins), so the copies run asynchronously. The
+        # images first: decoding on the device (data.decode) may drop a row it cannot read.
+        images = batch.images_on(self.device, self.dtype) if len(batch.ids) else batch.images
         ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
-        images = batch.images_on(self.device, self.dtype) if b else batch.images
         texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
         strat = self.selector.strategy
         curr = loss_i = None

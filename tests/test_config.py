@@ -42,6 +42,7 @@ def test_overrides_are_coerced_to_the_fields_types():
     ("optim.lrate=1", "optim.lrate: unknown key"),
     ("selection.scope=regional", "selection.scope: 'regional', choose one of"),
     ("model.mha_fastpath=fast", "model.mha_fastpath: 'fast', choose one of"),
+    ("data.decode=gpu", "data.decode: 'gpu', choose one of"),
     ("ratio=0.5", "write section.key=value"),
     ("train.log_every=0", "train.log_every: 0: need >= 1"),
     ("train.log_every=-3", "train.log_every: -3: need >= 1"),

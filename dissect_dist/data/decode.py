@@ -155,6 +155,13 @@ class ImagePlan:
         slot of a batch: no separate copy per image). Raises OSError/ValueError (or
         PIL's UnidentifiedImageError / DecompressionBombError) on bad input; the torch
         RNG must be seeded by the caller, as for the transform."""
+        im, orient, w, h = self._header(data)
+        box = self._box(h, w)  # (left, top, right, bottom) on the upright full-size image
+        return self._decode(im, orient, w, h, box, self.draft, out)
+
+    def _header(self, data: bytes) -> tuple[Any, int, int, int]:
+        """The opened (not decoded) image, its EXIF orientation and its upright width and
+        height; TooManyPixels over the limit."""
         from PIL import Image
 
         im: Any = Image.open(io.BytesIO(data))
@@ -164,7 +171,13 @@ class ImagePlan:
         orient = _orientation(im)
         if orient in (5, 6, 7, 8):
             w, h = h, w  # the upright geometry the transform would see
-        box = self._box(h, w)  # (left, top, right, bottom) on the upright full-size image
+        return im, orient, w, h
+
+    def _decode(self, im: Any, orient: int, w: int, h: int,
+                box: tuple[float, float, float, float], draft: bool,
+                out: torch.Tensor | None) -> torch.Tensor:
+        from PIL import Image
+
         out_h, out_w = self.size
         if self.kind == "random_resized_crop":
             need_w, need_h = box[2] - box[0], box[3] - box[1]
@@ -172,7 +185,7 @@ class ImagePlan:
             need_w, need_h = w, h
             out_h, out_w = self._resized(h, w)
         s = 1
-        if self.draft and im.format in ("JPEG", "MPO"):
+        if draft and im.format in ("JPEG", "MPO"):
             s = next(a for a in JPEG_SCALES if need_w >= a * out_w and need_h >= a * out_h)
             if s > 1:
                 # In the stored (not upright) orientation; the scale applies to both sides.
@@ -193,6 +206,62 @@ class ImagePlan:
         if out is None:
             return img.contiguous()
         return out.copy_(img)
+
+    # ------------------------------------------------- decoding on the training device
+    def prepare(self, data: bytes) -> DeviceJob | None:
+        """What the training device needs to decode this image itself (data.decode=
+        device): the crop box, drawn exactly as decode() draws it (the same RNG calls on
+        the same upright geometry), and the EXIF orientation; no pixel is decoded. None,
+        before any RNG draw, for an image the device path does not take (not a baseline
+        or progressive JPEG in YCbCr or greyscale, e.g. CMYK, or a filter other than
+        bicubic or bilinear): decode() it on the host instead. Raises like decode() on a
+        header it cannot read, TooManyPixels over the limit."""
+        if _TORCH_MODES.get(self.resample) is None:
+            return None
+        im, orient, w, h = self._header(data)
+        if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
+            return None
+        box = self._box(h, w)
+        return DeviceJob(tuple(int(round(v)) for v in box), orient)  # type: ignore[arg-type]
+
+    def decode_job(self, data: bytes, job: DeviceJob) -> torch.Tensor:
+        """On the host, at full size, what finish_on_device makes of a decoded JPEG: the
+        retry for a JPEG the device decoder rejects (no RNG draw: the box is the job's)."""
+        im, orient, w, h = self._header(data)
+        return self._decode(im, orient, w, h, tuple(map(float, job.box)),  # type: ignore[arg-type]
+                            False, None)
+
+    def finish_on_device(self, decoded: torch.Tensor, job: DeviceJob) -> torch.Tensor:
+        """uint8 (3, H, W) on `decoded`'s device from a JPEG decoded there at full size
+        in its stored orientation (3, h, w): turned upright, cropped to the job's box,
+        resized with the plan's filter (antialiased, in float32, rounded to uint8 after
+        each pass: within one grey level of the host's uint8 kernel), centre-cropped for
+        the eval transform."""
+        import torch.nn.functional as F
+
+        x = _upright(decoded, job.orientation)
+        x0, y0, x1, y1 = job.box
+        if self.kind == "random_resized_crop":
+            x = x[:, y0:y1, x0:x1]
+            size: tuple[int, int] = self.size
+        else:
+            size = self._resized(x.shape[-2], x.shape[-1])
+        if tuple(x.shape[-2:]) != tuple(size):
+            # Two passes, width then height, rounded and clamped to 8 bits in between, as
+            # the host's uint8 kernel (and PIL) does: within one grey level of it, where a
+            # single float pass differs by up to ~6 next to hard edges.
+            mode = _TORCH_MODES[self.resample]
+            y = x[None].float()
+            for step in ((y.shape[-2], size[1]), (size[0], size[1])):
+                if tuple(y.shape[-2:]) != step:
+                    y = F.interpolate(y, size=list(step), mode=mode, antialias=True)
+                    y = y.round_().clamp_(0, 255)
+            x = y[0].to(torch.uint8)
+        if self.kind != "random_resized_crop" and tuple(size) != self.size:
+            import torchvision.transforms.functional as TF
+
+            x = TF.center_crop(x, list(self.size))
+        return x
 
     def decode_full(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
         """As decode, at full size (no DCT scaling): the retry for a JPEG that reduced
@@ -331,6 +400,35 @@ def _lookup_torch(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         idx = images[:, c].reshape(-1).to(torch.int32)
         out[:, c] = table[c].index_select(0, idx).view(out[:, c].shape)
     return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceJob:
+    """ImagePlan.prepare's answer: the crop box on the upright full-size image (left,
+    top, right, bottom; whole pixels) and the EXIF orientation tag (1 = as stored)."""
+
+    box: tuple[int, int, int, int]
+    orientation: int
+
+
+def _upright(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> as EXIF orientation 1..8 says it is shown (PIL's transposes
+    in `_ORIENTATION`, on a tensor)."""
+    if orientation == 2:
+        return x.flip(-1)
+    if orientation == 3:
+        return x.flip((-2, -1))
+    if orientation == 4:
+        return x.flip(-2)
+    if orientation == 5:
+        return x.transpose(-2, -1)
+    if orientation == 6:
+        return x.transpose(-2, -1).flip(-1)
+    if orientation == 7:
+        return x.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return x.transpose(-2, -1).flip(-2)
+    return x
 
 
 def _chw_view(im: Any) -> torch.Tensor:

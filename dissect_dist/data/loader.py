@@ -20,14 +20,14 @@ import functools
 import io
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dissect_dist.data.decode import ImagePlan, TooManyPixels, to_rgb
+from dissect_dist.data.decode import DeviceJob, ImagePlan, TooManyPixels, to_rgb
 from dissect_dist.data.manifest import IMAGE_EXTS, Manifest, ManifestError, TarIndex, scan_tar
 from dissect_dist.data.order import OrderSpec, rank_batches, worker_batches
 from dissect_dist.data.tokens import TokenCache
@@ -38,6 +38,8 @@ SKIP_REASONS = ("missing_image", "undecodable_image", "missing_caption", "empty_
                 "truncated", "too_many_pixels")
 # Not skips: a JPEG that reduced-size decoding rejected was decoded at full size instead.
 RETRY_REASON = "full_size_retry"
+# Not skips either: a JPEG the training device's decoder rejected, decoded on the host.
+DEVICE_RETRY_REASON = "device_decode_retry"
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
 
 
@@ -49,13 +51,91 @@ class Batch:
     texts: Any  # tokenizer output for k captions (a (k, L) int64 tensor for open_clip)
     captions: list[str]
     plan: ImagePlan | None = None  # set when images are uint8 still to be normalised
+    # Decoding on the training device (the loader's decode="device"): the JPEGs left to
+    # decode there, concatenated (1-D uint8), and one row per JPEG: (batch row, offset,
+    # length, box left, top, right, bottom, EXIF orientation). `images` then holds only
+    # the rows decoded on the host (`host_rows`: the images the device path does not take).
+    encoded: torch.Tensor | None = None
+    jobs: np.ndarray | None = None
+    host_rows: np.ndarray | None = None
+    account: Callable[[list[tuple[str, str, str]]], None] | None = None
+    _on_device: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def images_on(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The images on `device` as `dtype`: uint8 ones are copied as uint8 and
-        normalised there (bit-identical to ToTensor + Normalize, see ImagePlan.normalize)."""
+        normalised there (bit-identical to ToTensor + Normalize, see ImagePlan.normalize).
+
+        With JPEGs left to the device, they are decoded there first (`decode_jpeg`: nvJPEG
+        on CUDA); one the device rejects is decoded on the host from the same box (counted
+        as `device_decode_retry`), and one neither can decode is dropped from the batch
+        (counted as `undecodable_image`): call this before reading ids, texts and captions."""
+        if self.encoded is not None:
+            assert self.plan is not None
+            return self.plan.normalize(self._decode_on(torch.device(device)), device, dtype)
         if self.plan is not None:
             return self.plan.normalize(self.images, device, dtype)
         return self.images.to(device, non_blocking=True).to(dtype)
+
+    def _decode_on(self, device: torch.device) -> torch.Tensor:
+        if self._on_device is not None and self._on_device.device == device:
+            return self._on_device
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        plan, jobs, enc = self.plan, self.jobs, self.encoded
+        assert plan is not None and jobs is not None and enc is not None
+        out = torch.empty((self.ids.shape[0], 3, *plan.size), dtype=torch.uint8, device=device)
+        if self.host_rows is not None and len(self.host_rows):
+            out[torch.from_numpy(self.host_rows).to(device)] = self.images.to(device)
+        data = [enc[o:o + n] for o, n in jobs[:, 1:3].tolist()]
+        with warnings.catch_warnings():  # torchvision >= 0.29 marks its decoders deprecated
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities")
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:  # one bad JPEG fails the whole call: one at a time
+                decoded = [_decode_one(d, device) for d in data]
+        bad, events = [], []
+        for (row, _, _, *box, orient), x, d in zip(jobs.tolist(), decoded, data):
+            job = DeviceJob((box[0], box[1], box[2], box[3]), orient)
+            sid = f"id {int(self.ids[row])}"
+            if x is not None:
+                out[row] = plan.finish_on_device(x, job)
+                continue
+            try:
+                out[row] = plan.decode_job(d.numpy().tobytes(), job).to(device)
+                events.append((DEVICE_RETRY_REASON, "device", sid))
+            except _DECODE_ERRORS:  # (its header passed the worker's checks)
+                bad.append(row)
+                events.append(("undecodable_image", "device", sid))
+        if bad:
+            keep = np.ones(self.ids.shape[0], dtype=bool)
+            keep[bad] = False
+            self._keep_rows(keep)
+            out = out[torch.from_numpy(keep).to(device)]
+        if events and self.account is not None:
+            self.account(events)
+        self._on_device = out
+        return out
+
+    def _keep_rows(self, keep: np.ndarray) -> None:
+        """Drop the rows where `keep` is False from ids, texts and captions."""
+        mask = torch.from_numpy(keep)
+        self.ids = self.ids[mask]
+        self.texts = self.texts[mask] if isinstance(self.texts, torch.Tensor) \
+            else [t for t, k in zip(self.texts, keep) if k]
+        self.captions = [c for c, k in zip(self.captions, keep) if k]
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        out: torch.Tensor = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return out
+    except RuntimeError:
+        return None
 
 
 class ShardReader:
@@ -209,6 +289,26 @@ def decode_planned(members: dict[str, bytes], plan: ImagePlan,
         return "undecodable_image"
 
 
+def prepare_planned(members: dict[str, bytes], plan: ImagePlan
+                    ) -> tuple[bytes, DeviceJob, str] | str | None:
+    """(JPEG bytes, device job, caption) for a sample the training device decodes, the
+    skip reason, or None for an image the device path does not take (no RNG draw then:
+    decode it with decode_planned)."""
+    from PIL import Image
+
+    caption = _caption(members)
+    if caption.startswith("!"):
+        return caption[1:]
+    data = members[next(e for e in IMAGE_EXTS if e in members)]
+    try:
+        job = plan.prepare(data)
+    except (TooManyPixels, Image.DecompressionBombError):
+        return "too_many_pixels"
+    except _DECODE_ERRORS:
+        return "undecodable_image"
+    return None if job is None else (data, job, caption)
+
+
 class _EpochStream(IterableDataset):  # type: ignore[type-arg]
     """What each DataLoader worker runs: its share of one rank's remaining batches."""
 
@@ -216,10 +316,10 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
                  cursor: int, preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
                  tokenizer: Callable[[list[str]], Any] | None,
                  storage_options: dict[str, Any] | None,
-                 tokens: TokenCache | None = None) -> None:
+                 tokens: TokenCache | None = None, device_decode: bool = False) -> None:
         self.manifest, self.spec, self.epoch, self.rank = manifest, spec, epoch, rank
         self.cursor, self.preprocess, self.tokenizer = cursor, preprocess, tokenizer
-        self.opts, self.tokens = storage_options, tokens
+        self.opts, self.tokens, self.device_decode = storage_options, tokens, device_decode
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -235,13 +335,19 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
     def _make(self, j: int, ids: np.ndarray, reader: ShardReader) -> dict[str, Any]:
         shards, positions = self.manifest.locate(ids)
         plan = self.preprocess if isinstance(self.preprocess, ImagePlan) else None
+        in_worker = get_worker_info() is not None
         kept: list[int] = []
         images, captions, skipped, rows = [], [], [], []
         slots = None
-        if plan is not None:  # decoded straight into the batch (one copy per image)
+        if plan is not None and not self.device_decode:
+            # decoded straight into the batch (one copy per image)
             slots = torch.empty((len(ids), 3, *plan.size), dtype=torch.uint8)
-            if get_worker_info() is not None:
+            if in_worker:
                 slots.share_memory_()  # type: ignore[no-untyped-call]  # sent without a copy
+        encoded: list[bytes] = []
+        jobs: list[tuple[int, ...]] = []
+        host_rows: list[int] = []
+        offset = 0
         for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
             key, got = reader.read(shard, pos)
             if isinstance(got, str):
@@ -253,18 +359,31 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             # whose stack capture costs more than a reduced-size decode.
             torch.default_generator.manual_seed(
                 (self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
-            res: tuple[Any, ...] | str
-            if plan is not None:
+            res: tuple[Any, ...] | str | None = None
+            if plan is not None and self.device_decode:
+                res = prepare_planned(got, plan)
+                if isinstance(res, tuple):  # left to the device: its bytes and crop box
+                    data, job, caption = res
+                    jobs.append((len(kept), offset, len(data), *job.box, job.orientation))
+                    encoded.append(data)
+                    offset += len(data)
+                    res = (None, caption)
+                elif res is None:
+                    host_rows.append(len(kept))
+            if res is None and plan is not None:
                 res = decode_planned(got, plan, slots[len(kept)] if slots is not None else None)
                 if not isinstance(res, str) and res[2]:
                     skipped.append((RETRY_REASON, self.manifest.urls[shard], key))
-            else:
+            elif res is None:
                 res = decode_sample(got, self.preprocess)  # type: ignore[arg-type]
             if isinstance(res, str):
+                if host_rows and host_rows[-1] == len(kept):
+                    host_rows.pop()
                 skipped.append((res, self.manifest.urls[shard], key))
                 continue
             kept.append(sid)
-            images.append(res[0])
+            if res[0] is not None:
+                images.append(res[0])
             captions.append(res[1])
             if self.tokens is not None:
                 rows.append(self.tokens.rows(reader.token_key(shard),
@@ -278,15 +397,24 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
         # round trip served by a thread that waits for the decoding worker's GIL).
         if isinstance(texts, torch.Tensor):
             texts = texts.numpy()
-        return {
-            "index": j,
-            "ids": np.asarray(kept, dtype=np.int64),
-            "images": torch.empty(0) if not images else slots[:len(kept)]
-            if slots is not None else torch.stack(images),
-            "texts": texts,
-            "captions": captions,
-            "skipped": skipped,
-        }
+        if not images:
+            batch_images = torch.empty(0)
+        elif slots is not None:
+            batch_images = slots[:len(kept)]
+        else:
+            batch_images = torch.stack(images)
+        out = {"index": j, "ids": np.asarray(kept, dtype=np.int64), "images": batch_images,
+               "texts": texts, "captions": captions, "skipped": skipped}
+        if self.device_decode and plan is not None:
+            buf = torch.empty(offset, dtype=torch.uint8)
+            if in_worker:
+                buf.share_memory_()  # type: ignore[no-untyped-call]
+            view = buf.numpy()
+            for (_, o, n, *_), data in zip(jobs, encoded):
+                view[o:o + n] = np.frombuffer(data, dtype=np.uint8)
+            out.update(encoded=buf, jobs=np.asarray(jobs, dtype=np.int64).reshape(-1, 8),
+                       host_rows=np.asarray(host_rows, dtype=np.int64))
+        return out
 
 
 class WebDatasetLoader:
@@ -301,7 +429,8 @@ class WebDatasetLoader:
                  seed: int, preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
                  tokenizer: Callable[[list[str]], Any] | None = None, num_workers: int = 2,
                  shuffle_window: int = 4, storage_options: dict[str, Any] | None = None,
-                 pin_memory: bool = False, token_cache: str | None = None) -> None:
+                 pin_memory: bool = False, token_cache: str | None = None,
+                 decode: Literal["workers", "device"] = "workers") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if num_workers < 0:
@@ -317,6 +446,14 @@ class WebDatasetLoader:
         self.tokens = TokenCache(token_cache, tokenizer) \
             if token_cache is not None and tokenizer is not None else None
         self.plan = preprocess if isinstance(preprocess, ImagePlan) else None
+        if decode not in ("workers", "device"):
+            raise ValueError(f"decode={decode!r}: choose 'workers' or 'device'")
+        if decode == "device" and self.plan is None:
+            raise ValueError("decode='device' needs an ImagePlan as preprocess (the JPEG fast "
+                             f"path), got {type(preprocess).__name__}")
+        # Where JPEGs are decoded: in the data workers, or (as far as the device decoder
+        # takes them) on the training device, by Batch.images_on.
+        self.decode = decode
         self.num_workers = num_workers
         self.pin_memory = pin_memory  # page-locked batches, for asynchronous copies to a GPU
         self.opts = storage_options
@@ -339,7 +476,8 @@ class WebDatasetLoader:
         if self.cursor >= len(self):
             self.epoch, self.cursor = self.epoch + 1, 0
         stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
-                              self.preprocess, self.tokenizer, self.opts, self.tokens)
+                              self.preprocess, self.tokenizer, self.opts, self.tokens,
+                              device_decode=self.decode == "device")
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, pin_memory=self.pin_memory,
                             worker_init_fn=_worker_init if self.num_workers else None)
@@ -350,16 +488,25 @@ class WebDatasetLoader:
             self.cursor += 1
             ids, texts = _tensor(item["ids"], self.pin_memory), _tensor(item["texts"],
                                                                          self.pin_memory)
-            yield Batch(item["index"], ids, item["images"], texts, item["captions"], self.plan)
+            yield Batch(item["index"], ids, item["images"], texts, item["captions"], self.plan,
+                        encoded=item.get("encoded"), jobs=item.get("jobs"),
+                        host_rows=item.get("host_rows"), account=self._account)
 
     def _account(self, skipped: list[tuple[str, str, str]]) -> None:
         for reason, shard, key in skipped:
-            (self.retried if reason == RETRY_REASON else self.skipped)[reason] += 1
+            retry = reason in (RETRY_REASON, DEVICE_RETRY_REASON)
+            (self.retried if retry else self.skipped)[reason] += 1
             if (shard, key, reason) not in self._logged:
                 self._logged.add((shard, key, reason))
                 if reason == RETRY_REASON:
                     log.warning("sample %s in %s: reduced-size JPEG decoding failed, decoded "
                                 "at full size", key, shard)
+                elif reason == DEVICE_RETRY_REASON:
+                    log.warning("sample %s: the training device's JPEG decoder failed, "
+                                "decoded on the host", key)
+                elif shard == "device":
+                    log.warning("skipped sample %s (decoded on the training device): %s",
+                                key, reason)
                 else:
                     log.warning("skipped sample %s in %s: %s", key, shard, reason)
 
