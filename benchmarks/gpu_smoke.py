@@ -6,7 +6,8 @@ setting the H200 numbers of 2026-11-26 were measured with), and prints samples/s
 step-time split and peak GPU memory. With --runs, also `+stock` (stock attention, fast
 path off), `+compile` (the scoring pass compiled), `+amp` (precision amp_bf16: fp32
 weights, autocast training forward and scoring) and `+reference` (amp_bf16 with the
-reference code's scoring: train mode, fp32, TF32).
+reference code's scoring: train mode, fp32, TF32) and `+device` (data.decode=device: JPEGs
+decoded on the GPU; with --photos, on web-like photographs instead of synthetic shards).
 
     python benchmarks/gpu_smoke.py [--steps 30] [--batch-size 256] [--out DIR]
     python benchmarks/gpu_smoke.py --runs full dissect_momentum dissect_momentum+reference
@@ -70,27 +71,31 @@ def build(root: Path, n: int, per_shard: int, size: int) -> str:
 # there; the scoring pass compiled (torch.compile, its own graph).
 VARIANTS = {"stock": ["model.attention=stock"],
             "fastpath": ["model.attention=stock", "model.mha_fastpath=enabled"],
-            "compile": ["selection.compile_scoring=true"]}
+            "compile": ["selection.compile_scoring=true"],
+            "device": ["data.decode=device"]}  # JPEGs decoded on the GPU (nvJPEG)
 
 
 def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
     """One launch; `label` is a strategy, optionally with `+stock` (open_clip's own
     attention instead of SDPA), `+fastpath` (stock attention through torch's MHA inference
-    fast path), `+compile` (compiled scoring pass), `+amp` (precision amp_bf16) or
-    `+reference` (amp_bf16, selection.score_mode=reference)."""
+    fast path), `+compile` (compiled scoring pass), `+amp` (precision amp_bf16),
+    `+reference` (amp_bf16, selection.score_mode=reference) or `+device` (data.decode=
+    device: the JPEGs decoded on the GPU)."""
     strategy, _, variant = label.partition("+")
     run_dir = out / f"run-{label}"
     r = common.launch(
-        ["model.name=ViT-B-32",
+        [f"model.name={a.model}",
          f"model.precision={'amp_bf16' if variant in ('amp', 'reference') else 'bf16'}",
          f"selection.score_mode={'reference' if variant == 'reference' else 'eval'}",
          f"data.train_manifest={manifest}", f"data.batch_size={a.batch_size}",
          f"data.workers={a.workers}", f"selection.strategy={strategy}", "selection.ratio=0.3",
-         f"train.max_steps={a.steps}", "train.log_every=10", "train.time_breakdown=true",
+         f"train.max_steps={a.steps}", f"train.log_every={a.log_every}",
+         "train.time_breakdown=true",
          f"train.run_dir={run_dir}", "optim.lr=5e-4", "optim.warmup_steps=10",
          "train.epochs=100", "train.zero_stage=1", *VARIANTS.get(variant, []),
          *([f"train.profile_at={a.profile_at}", "train.profile_steps=3"] if a.profile_at else [])],
-        what=label, ranks=1, log=out / f"log-{label}.txt", omp_threads=None)
+        what=label, ranks=1, log=out / f"log-{label}.txt",
+        omp_threads=None if a.device == "cuda" else 2)
     rows = common.read_metrics(run_dir)
     train = [x for x in rows if x["kind"] == "train"]
     steady = common.steady_windows(rows)  # the first window holds warm-up and compilation
@@ -119,18 +124,35 @@ def main() -> None:
                    "traces and operator tables in <out>/run-<label>/profile/")
     p.add_argument("--runs", nargs="+", default=["full", "dissect_momentum",
                                                  "dissect_momentum+fastpath"],
-                   help="labels: a strategy, optionally +stock, +fastpath, +compile, +amp or "
-                   "+reference")
+                   help="labels: a strategy, optionally +stock, +fastpath, +compile, +amp, "
+                   "+reference or +device")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of the same launches on DeepSpeed's CPU accelerator "
+                   "(use a small --model; the numbers mean nothing)")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--log-every", type=int, default=10, help="steps per logged window")
+    p.add_argument("--photos", default="",
+                   help="train on this manifest (e.g. data/bench-photos-500/manifest.json from "
+                   "`python -m dissect_dist.data photos`) instead of synthetic shards")
     a = p.parse_args()
     import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_smoke.py: no CUDA device here; --device cpu runs a dry run of "
+                         "the same launches on the CPU")
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    manifest = build(Path("/tmp/gpu-smoke-data"), a.samples, 1024, a.image_size)
-    print(f"[gpu_smoke] {a.samples} synthetic pairs in {time.perf_counter() - t0:.1f}s", flush=True)
+    if a.photos:
+        manifest = str(Path(a.photos).resolve())
+    else:
+        manifest = build(out / "data" if a.device == "cpu" else Path("/tmp/gpu-smoke-data"),
+                         a.samples, 1024, a.image_size)
+        print(f"[gpu_smoke] {a.samples} synthetic pairs in {time.perf_counter() - t0:.1f}s",
+              flush=True)
     machine = common.machine_info()
-    res = {"device": torch.cuda.get_device_name(0), "torch": machine["torch"],
+    res = {"device": machine["device"], "dry_run": a.device == "cpu", "torch": machine["torch"],
            "date": machine["date"], "machine": machine, "args": vars(a),
            "runs": [run(s, manifest, out, a) for s in a.runs]}
     common.write_json(out / "gpu_smoke.json", res)

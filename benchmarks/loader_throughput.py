@@ -7,6 +7,9 @@
   ours-host the same without the normalisation: the host's share on a GPU machine,
             where the uint8 batch is normalised on the GPU
   ours-exact  the same as ours with PIL's resize of the exact box (data.resampling=exact)
+  device-host data.decode=device: the workers read the JPEG bytes, draw the crop box and
+            read the tokens; the decoding itself is left to the device and not run here
+            (on a GPU host: the host's share; the device's is measured by gpu_smoke.py)
   main      the loader of another git revision (default 7b22067, the loader before the
             fast path), extracted with `git archive` and run as it is: full-size decode,
             the transform, per-batch tokenisation, float batches
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("ours", "ours-host", "ours-exact", "main", "wds", "pil")
+CONFIGS = ("ours", "ours-host", "ours-exact", "device-host", "main", "wds", "pil")
 BASELINE = "7b22067"  # the loader before the fast path
 MODEL = "RN50"  # only its transform (224 px, RandomResizedCrop scale 0.9-1) and tokenizer
 
@@ -55,10 +58,12 @@ def _transform_and_tokenizer():
     return pre_train, open_clip.get_tokenizer(MODEL)
 
 
-def _loader(a, m, pre, tok, token_cache):
+def _loader(a, m, pre, tok, token_cache, decode="workers"):
     from dissect_dist.data import WebDatasetLoader
 
-    kw = {"token_cache": token_cache} if token_cache else {}
+    kw: dict[str, Any] = {"token_cache": token_cache} if token_cache else {}
+    if decode != "workers":
+        kw["decode"] = decode
     return WebDatasetLoader(m, rank=0, world_size=1, batch_size=a.batch_size, seed=0,
                             preprocess=pre, tokenizer=tok, num_workers=a.workers, **kw)
 
@@ -73,17 +78,18 @@ def one(a) -> dict:
     m = Manifest.load(str(Path(a.data) / "manifest.json"))
     pre, tok = _transform_and_tokenizer()
     n = 0
-    if a.one in ("ours", "ours-host", "ours-exact", "main"):
+    if a.one in ("ours", "ours-host", "ours-exact", "device-host", "main"):
         ours = a.one != "main"
         if ours:
             from dissect_dist.data.decode import ImagePlan
 
             pre = ImagePlan.from_transform(
                 pre, resampling="exact" if a.one == "ours-exact" else "fast")
-        loader = _loader(a, m, pre, tok, a.token_cache if ours else None)
+        loader = _loader(a, m, pre, tok, a.token_cache if ours else None,
+                         "device" if a.one == "device-host" else "workers")
         t0, c0 = time.perf_counter(), _cpu()
         for b in loader:
-            if ours and a.one != "ours-host":  # what the trainer does with each batch
+            if ours and a.one not in ("ours-host", "device-host"):  # as the trainer does
                 b.images_on("cpu", torch.float32)  # (main's are float already)
             n += len(b.ids)
     elif a.one == "wds":
@@ -220,7 +226,7 @@ def main() -> None:
         a.token_cache = a.token_cache or str(Path(tmp) / "tokens")
         base_sha = _baseline(a.baseline, tmp)
         code = {"ours": str(REPO), "ours-host": str(REPO), "ours-exact": str(REPO),
-                "main": tmp, "wds": str(REPO), "pil": str(REPO)}
+                "device-host": str(REPO), "main": tmp, "wds": str(REPO), "pil": str(REPO)}
         cold = _run(a, "ours", code["ours"])  # fills the token cache: reported, not compared
         print(f"  cold (token cache filled): ours {cold['samples'] / cold['wall_s']:.0f} "
               "samples/s", flush=True)
@@ -264,7 +270,9 @@ def main() -> None:
           f"{ratio['ours/ours-exact_per_core']:.2f}x ours with exact resampling; without "
           f"the normalisation (a GPU host's share) {1 / ratio['ours/ours-host_per_core']:.2f}x "
           f"ours, {table['ours-host']['median_per_core'] / table['pil']['median_per_core']:.2f}x "
-          "decode-only PIL")
+          "decode-only PIL; with the decoding left to the device, the host's share "
+          f"{table['device-host']['median_per_core'] / table['ours']['median_per_core']:.1f}x "
+          "ours")
     for x in resume["at"]:
         print(f"resume at {x['fraction']:.0%} of a {resume['epoch_batches']}-batch epoch: "
               f"{x['resume_to_first_batch_s']:.2f}s to the first batch vs {x['read_s']:.2f}s "

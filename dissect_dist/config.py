@@ -168,8 +168,10 @@ class TrainConfig:
     log_every: int = 10
     # write each step's ids, keep mask and ranking key per rank (audits, tests)
     record_samples: bool = False
-    # Time each phase of the step; adds device syncs on GPU and a barrier before the
-    # selection so that rank skew is booked as `wait`, not as exchange time.
+    # Time each phase of the step (time_<phase>_ms: input = copies to the device,
+    # normalisation and data.decode=device's decoding; score; wait; select; fwd_bwd; optim);
+    # adds device syncs on GPU and a barrier before the selection so that rank skew is
+    # booked as `wait`, not as exchange time.
     time_breakdown: bool = False
     # Score every batch even when the strategy does not need it, and log per epoch the mean
     # CLIPScore of clean and of noisy pairs (needs data.noise_ledger): the memorisation

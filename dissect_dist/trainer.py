@@ -162,6 +162,7 @@ class Trainer:
         ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
         texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
+        self.timer.mark("input")  # copies to the device, normalisation (+ JPEG decoding)
         strat = self.selector.strategy
         curr = loss_i = None
         if strat.needs_scores or self.cfg.train.diagnose_scores:

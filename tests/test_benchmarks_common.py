@@ -201,3 +201,28 @@ def test_a_pool_run_stopped_mid_epoch_is_summarised_and_plotted_by_step(tmp_path
                     assert len(nc_report.steps_of(res, r, rows)) == len(r[name])
     paths = nc_report.plots(res, reg.name, tmp_path / "nc")
     assert {p.name for p in paths} >= {"icons-pool_timing.png", "icons-pool_kept_precision.png"}
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_gpu_smoke_dry_runs_on_the_cpu(tmp_path):
+    """The GPU script's launches on DeepSpeed's CPU accelerator (bf16, ZeRO-1): every run
+    variant it will time on a GPU, the phase split (input, score, train), the profiler's
+    traces, and the JPEGs decoded by the training process under +device."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--device", "cpu",
+           "--model", "tiny-vit-28", "--steps", "6", "--log-every", "2", "--batch-size", "16",
+           "--samples", "256", "--workers", "1", "--profile-at", "3", "--out", str(out),
+           "--runs", "full", "dissect_momentum", "dissect_momentum+device"]
+    r = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((out / "gpu_smoke.json").read_text())
+    assert res["dry_run"] is True
+    assert [x["strategy"] for x in res["runs"]] == ["full", "dissect_momentum",
+                                                   "dissect_momentum+device"]
+    for x in res["runs"]:
+        assert {"input", "score", "fwd_bwd", "optim"} <= set(x["step_time_ms"]), x
+        assert x["samples_per_s"] > 0 and math.isfinite(x["final_loss"])
+        assert any((out / f"run-{x['strategy']}" / "profile").glob("rank0*.json"))
+    assert 0.25 < res["runs"][1]["kept_fraction"] < 0.4
+    assert "data.decode=device" in (out / "log-dissect_momentum+device.txt").read_text()
