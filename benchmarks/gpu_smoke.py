@@ -42,8 +42,16 @@ def _shard(args: tuple[str, int, int, int]) -> tuple[str, int]:
     with tarfile.open(path, "w") as tf:
         for i in range(start, start + count):
             buf = io.BytesIO()
-            arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+            if size:  # size x size random pixels
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+            else:  # web-like: a smooth picture, short side 300-800 px, aspect 3:4 to 16:9
+                short = int(rng.integers(300, 801))
+                long = int(short * rng.uniform(1.0, 16 / 9))
+                w, h = (long, short) if rng.random() < 0.7 else (short, long)
+                low = rng.integers(0, 255, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8)
+                pic = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+                pic.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
             for ext, data in (("jpg", buf.getvalue()), ("txt", f"a photo of thing {i}".encode())):
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
@@ -114,7 +122,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=12288)
-    p.add_argument("--image-size", type=int, default=64, help="stored JPEG size (resized to 224)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="stored JPEG size (resized to 224); 0: web-like smooth pictures, short "
+                   "side 300-800 px, quality 75-95 (the decoding cost of web photos)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=12)

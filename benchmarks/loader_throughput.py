@@ -15,6 +15,8 @@
             the transform, per-batch tokenisation, float batches
   wds       plain webdataset: decode("pil") + the same transform + per-batch tokenisation
   pil       decode only: PIL decodes every JPEG at full size to RGB (the reference floor)
+  pil-1/8   decode only at libjpeg's smallest DCT scale (1/8): what entropy decoding alone
+            costs, the floor under any loader that decodes with libjpeg, reduced or not
 
 Every measurement runs in a fresh subprocess; the configurations alternate, `--repeats`
 rounds. Per core = samples / CPU seconds of the process and its worker processes; per
@@ -41,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("ours", "ours-host", "ours-exact", "device-host", "main", "wds", "pil")
+CONFIGS = ("ours", "ours-host", "ours-exact", "device-host", "main", "wds", "pil",
+           "pil-1/8")
 BASELINE = "7b22067"  # the loader before the fast path
 MODEL = "RN50"  # only its transform (224 px, RandomResizedCrop scale 0.9-1) and tokenizer
 
@@ -117,6 +120,8 @@ def one(a) -> dict:
                         f = tf.extractfile(member)
                         assert f is not None
                         with Image.open(f) as im:
+                            if a.one == "pil-1/8":
+                                im.draft("RGB", (im.width // 8, im.height // 8))
                             im.convert("RGB")
                         n += 1
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
@@ -225,8 +230,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a.token_cache = a.token_cache or str(Path(tmp) / "tokens")
         base_sha = _baseline(a.baseline, tmp)
-        code = {"ours": str(REPO), "ours-host": str(REPO), "ours-exact": str(REPO),
-                "device-host": str(REPO), "main": tmp, "wds": str(REPO), "pil": str(REPO)}
+        code = {c: str(REPO) for c in CONFIGS}
+        code["main"] = tmp
         cold = _run(a, "ours", code["ours"])  # fills the token cache: reported, not compared
         print(f"  cold (token cache filled): ours {cold['samples'] / cold['wall_s']:.0f} "
               "samples/s", flush=True)
@@ -241,7 +246,7 @@ def main() -> None:
         resume = _run(a, "resume", code["ours"])
     table = {}
     for c in CONFIGS:
-        workers = 1 if c == "pil" else a.workers
+        workers = 1 if c.startswith("pil") else a.workers
         wall = [x["samples"] / x["wall_s"] for x in runs[c]]
         core = [x["samples"] / x["cpu_s"] for x in runs[c]]
         table[c] = {"samples_per_s": wall, "per_core": core,
@@ -273,6 +278,10 @@ def main() -> None:
           "decode-only PIL; with the decoding left to the device, the host's share "
           f"{table['device-host']['median_per_core'] / table['ours']['median_per_core']:.1f}x "
           "ours")
+    floor = table["pil-1/8"]["median_per_core"]
+    print(f"entropy-decoding floor (decode-only at 1/8 scale): {floor:.0f} per core = "
+          f"{floor / table['pil']['median_per_core']:.2f}x decode-only PIL at full size; ours "
+          f"reaches {table['ours']['median_per_core'] / floor:.2f}x of it")
     for x in resume["at"]:
         print(f"resume at {x['fraction']:.0%} of a {resume['epoch_batches']}-batch epoch: "
               f"{x['resume_to_first_batch_s']:.2f}s to the first batch vs {x['read_s']:.2f}s "
