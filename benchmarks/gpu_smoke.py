@@ -145,6 +145,8 @@ def main() -> None:
                    help="train on this manifest (e.g. data/bench-photos-500/manifest.json from "
                    "`python -m dissect_dist.data photos`) instead of synthetic shards")
     a = p.parse_args()
+    if a.device == "cpu":  # the launches inherit this: DeepSpeed's CPU accelerator, no GPU
+        os.environ.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():

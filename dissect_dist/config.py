@@ -77,8 +77,9 @@ class DataConfig:
     # (torchvision's decode_jpeg: nvJPEG on a GPU), at full size; the workers only read
     # the bytes, draw the crop and tokenise, so a host with few cores per GPU keeps up.
     # Images the device decoder does not take (not JPEG, CMYK) are still decoded by the
-    # workers. The resize runs in float32 on the device (within one grey level of the
-    # workers' uint8 kernel); evaluation sets are always decoded on the host.
+    # workers. The resize runs in float32 on the device, rounded to 8 bits after each
+    # pass (within one grey level of the workers' uint8 kernel on the same pixels), so it
+    # needs resampling=fast; evaluation sets are always decoded on the host.
     decode: Literal["workers", "device"] = "workers"
 
     def __post_init__(self) -> None:
@@ -90,6 +91,9 @@ class DataConfig:
                f"{self.resampling!r}: choose fast or exact")
         _check(self.decode in ("workers", "device"), "data.decode",
                f"{self.decode!r}: choose workers or device")
+        _check(self.decode == "workers" or self.resampling == "fast", "data.decode",
+               "device resizes on the device (data.resampling=fast); data.resampling=exact "
+               "(PIL's resize) needs data.decode=workers")
         _check(self.shuffle_window >= 1, "data.shuffle_window",
                f"{self.shuffle_window}: need >= 1 (shards whose samples are shuffled "
                "together; 1 = within each shard)")

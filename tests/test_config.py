@@ -94,6 +94,13 @@ def _break(root: Path, change: str) -> list[str]:
     return [*overrides, change.format(root=root)]
 
 
+def test_decoding_on_the_device_refuses_exact_resampling():
+    assert _cfg("data.decode=device").data.decode == "device"
+    with pytest.raises(ConfigError, match="data.decode: device resizes on the device .* "
+                                          "data.resampling=exact .* needs data.decode=workers"):
+        _cfg("data.decode=device", "data.resampling=exact")
+
+
 def test_a_complete_environment_passes(tmp_path):
     validate_environment(_cfg(*_data(tmp_path)))
     validate_environment(_cfg(f"data.train_manifest=file://{tmp_path}/train/manifest.json",

@@ -30,6 +30,14 @@ def _loader(m, decode, *, workers=0, plan=None, bs=8, tok=None):
                             num_workers=workers, shuffle_window=2, decode=decode)
 
 
+def _decoded(b, device="cpu") -> torch.Tensor:
+    """The batch's uint8 images after decoding on `device` (images_on decodes once; the
+    batch then holds them)."""
+    b.images_on(device, torch.float32)
+    assert b.encoded is None and b.images.device.type == torch.device(device).type
+    return b.images
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     """Within two grey levels everywhere, and equal almost everywhere (the device resizes
     in float32, the workers in 8-bit fixed point)."""
@@ -60,19 +68,20 @@ def test_the_device_decodes_the_workers_crops(photos, transform, workers):
     for h, d in zip(host, dev):
         assert d.jobs is not None and len(d.jobs) == len(d.ids) and len(d.host_rows) == 0
         got = d.images_on("cpu", torch.float32)
-        _close(d._decode_on(torch.device("cpu")), h.images)
-        assert torch.equal(got, plan.normalize(d._decode_on(torch.device("cpu")), "cpu"))
+        _close(d.images, h.images)
+        assert torch.equal(got, plan.normalize(d.images, "cpu"))
+        assert torch.equal(d.images_on("cpu", torch.float32), got)  # decoded once
         assert d.texts.shape == (len(d.ids), 77)
 
 
 def test_device_decoding_resumes_to_the_uninterrupted_batches(photos):
-    whole = [(b.ids.tolist(), b._decode_on(torch.device("cpu"))) for b in _loader(photos, "device")]
+    whole = [(b.ids.tolist(), _decoded(b)) for b in _loader(photos, "device")]
     first = _loader(photos, "device")
     it = iter(first)
     head = [next(it).ids.tolist() for _ in range(2)]
     resumed = _loader(photos, "device", workers=2)
     resumed.load_state_dict(first.state_dict())
-    tail = [(b.ids.tolist(), b._decode_on(torch.device("cpu"))) for b in resumed]
+    tail = [(b.ids.tolist(), _decoded(b)) for b in resumed]
     assert head + [t[0] for t in tail] == [w[0] for w in whole]
     assert all(torch.equal(t[1], w[1]) for t, w in zip(tail, whole[2:]))
 
@@ -91,7 +100,7 @@ def test_exif_orientations_are_applied_on_the_device(tmp_path):
         dev = next(iter(_loader(m, "device", bs=7, plan=ImagePlan.from_transform(transform))))
         assert dev.captions == host.captions
         assert sorted(dev.jobs[:, 7].tolist()) == sorted(_TO_STORED)
-        _close(dev._decode_on(torch.device("cpu")), host.images)
+        _close(_decoded(dev), host.images)
 
 
 def test_images_the_device_does_not_take_are_decoded_by_the_workers(tmp_path):
@@ -108,8 +117,9 @@ def test_images_the_device_does_not_take_are_decoded_by_the_workers(tmp_path):
     assert host_loader.skipped == dev_loader.skipped == {"too_many_pixels": 1}
     on_host = sorted(dev.captions[r] for r in dev.host_rows)
     assert on_host == ["cmyk", "png"] and len(dev.jobs) == 2
-    got = dev._decode_on(torch.device("cpu"))
-    for r in dev.host_rows:  # the workers' own decode, bit for bit
+    rows = dev.host_rows.tolist()
+    got = _decoded(dev)
+    for r in rows:  # the workers' own decode, bit for bit
         assert torch.equal(got[r], host.images[r])
 
 
@@ -136,13 +146,12 @@ def test_a_jpeg_the_device_rejects_goes_to_the_host_and_one_nothing_reads_is_dro
     dev = next(iter(loader))
     assert len(dev.ids) == 4 and len(dev.jobs) == 4  # every header read
     texts_before = {c: t for c, t in zip(dev.captions, dev.texts)}
-    x = dev.images_on("cpu", torch.float32)
-    assert x.shape[0] == len(dev.ids) == len(dev.captions) == dev.texts.shape[0] == 3
+    got = _decoded(dev)
+    assert got.shape[0] == len(dev.ids) == len(dev.captions) == dev.texts.shape[0] == 3
     assert dev.ids.tolist() == host.ids.tolist() and dev.captions == host.captions
     assert all(torch.equal(t, texts_before[c]) for c, t in zip(dev.captions, dev.texts))
     assert loader.retried == {"device_decode_retry": 1}
     assert loader.skipped == {"undecodable_image": 1}
-    got = dev._decode_on(torch.device("cpu"))
     i = dev.captions.index("rejected")  # decoded by PIL on the host: the workers' pixels
     assert torch.equal(got[i], host.images[i])
     for c in ("first", "last"):
@@ -151,21 +160,129 @@ def test_a_jpeg_the_device_rejects_goes_to_the_host_and_one_nothing_reads_is_dro
 
 
 def test_device_decoding_needs_the_fast_path_and_a_known_mode(photos):
+    import torchvision.transforms as T
+
     with pytest.raises(ValueError, match="decode='device' needs an ImagePlan"):
         _loader(photos, "device", plan=TRAIN)
     with pytest.raises(ValueError, match="decode='gpu': choose"):
         _loader(photos, "gpu")
+    with pytest.raises(ValueError, match="resampling 'exact': use decode='workers'"):
+        _loader(photos, "device", plan=ImagePlan.from_transform(TRAIN, resampling="exact"))
+    lanczos = T.Compose([T.RandomResizedCrop(64, interpolation=T.InterpolationMode.LANCZOS),
+                         T.ToTensor()])
+    with pytest.raises(ValueError, match="PIL filter 1 and resampling 'fast'"):
+        _loader(photos, "device", plan=ImagePlan.from_transform(lanczos))
+
+
+def test_a_batch_with_nothing_left_to_the_device_is_the_workers_batch(tmp_path):
+    pngs = []
+    for i in range(4):
+        buf = io.BytesIO()
+        photo(20 + i).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    m = write_set(tmp_path / "d", pngs, [f"png {i}" for i in range(4)])
+    host, dev = next(iter(_loader(m, "workers", bs=4))), next(iter(_loader(m, "device", bs=4)))
+    assert len(dev.jobs) == 0 and sorted(dev.host_rows.tolist()) == [0, 1, 2, 3]
+    assert torch.equal(_decoded(dev), host.images)
+
+
+def test_decoding_in_chunks_gives_the_same_batch(photos, monkeypatch):
+    from dissect_dist.data import loader as loader_mod
+
+    whole = [_decoded(b) for b in _loader(photos, "device")]
+    calls = []
+    orig = loader_mod.Batch._decode_chunk
+
+    def spy(self, jobs, *a):
+        calls.append(len(jobs))
+        return orig(self, jobs, *a)
+
+    monkeypatch.setattr(loader_mod, "_DEVICE_DECODE_PIXELS", 150_000)  # ~2 of these a chunk
+    monkeypatch.setattr(loader_mod.Batch, "_decode_chunk", spy)
+    chunked = [_decoded(b) for b in _loader(photos, "device")]
+    assert max(calls) <= 3 and sum(calls) == sum(len(x) for x in whole)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+def test_a_decoder_that_fails_on_everything_stops_with_the_way_out(photos, monkeypatch):
+    import torchvision.io
+
+    def broken(*a, **kw):
+        raise RuntimeError("Couldn't load the image extension")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
+    b = next(iter(_loader(photos, "device")))
+    with pytest.raises(RuntimeError, match="failed for every one of them .* data.decode=workers"):
+        b.images_on("cpu", torch.float32)
+
+
+def test_an_image_decoded_at_another_size_than_its_header_goes_to_the_host(photos, monkeypatch):
+    import torchvision.io
+
+    orig = torchvision.io.decode_jpeg
+
+    def shrinks_the_first(data, *a, **kw):
+        out = orig(data, *a, **kw)
+        out[0] = out[0][:, :-8]
+        return out
+
+    host = next(iter(_loader(photos, "workers", plan=ImagePlan.from_transform(TRAIN,
+                                                                             draft=False))))
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", shrinks_the_first)
+    loader = _loader(photos, "device")
+    got = _decoded(next(iter(loader)))
+    assert loader.retried == {"device_decode_retry": 1} and not loader.skipped
+    assert torch.equal(got[0], host.images[0])  # the host's full-size decode of that box
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvjpeg_on_the_gpu_is_close_to_the_workers(photos):
-    """nvJPEG's IDCT and upsampling are not libjpeg's: a looser bound than on the CPU."""
+def test_nvjpeg_on_the_gpu_is_close_to_the_workers(photos, tmp_path):
+    """nvJPEG's IDCT and upsampling are not libjpeg's: a looser bound than on the CPU.
+    Also EXIF-rotated, CMYK (host) and truncated (dropped) JPEGs through nvJPEG."""
     host = list(_loader(photos, "workers", plan=ImagePlan.from_transform(TRAIN, draft=False)))
     dev = list(_loader(photos, "device"))
     for h, d in zip(host, dev):
-        got = d._decode_on(torch.device("cuda")).cpu()
+        got = _decoded(d, "cuda").cpu()
         diff = (got.int() - h.images.int()).abs().float()
         assert diff.mean() < 1.5, diff.mean()
+    upright, good = photo(7, 403, 301), jpeg(photo(14))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = jpeg(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
+    m = write_set(tmp_path / "d", [rotated, jpeg(photo(8).convert("CMYK")),
+                                   good[:len(good) // 2], jpeg(photo(15))],
+                  ["rotated", "cmyk", "truncated", "plain"])
+    want = next(iter(_loader(m, "workers", bs=4,
+                             plan=ImagePlan.from_transform(TRAIN, draft=False))))
+    loader = _loader(m, "device", bs=4)
+    b = next(iter(loader))
+    got = _decoded(b, "cuda").cpu()
+    assert b.captions == want.captions and b.ids.tolist() == want.ids.tolist()
+    assert got.shape == want.images.shape
+    assert (got.float() - want.images.float()).abs().mean() < 1.5
+    assert loader.skipped == {"undecodable_image": 1} or \
+        "truncated" in b.captions  # nvJPEG may decode a truncated stream (grey tail)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_never_writes_into_memory_that_queued_kernels_still_read(photos):
+    """Reads of small tensors queued behind a long matmul chain, the tensors freed, then a
+    decode: its outputs (a few hundred KB each, the allocator's small pool, like the
+    freed tensors) must not be written before those reads ran. Not yet run on a GPU:
+    a device session should also see it fail with the synchronisation in
+    Batch._decode_on removed."""
+    dev = torch.device("cuda")
+    for b in _loader(photos, "device"):
+        big = torch.randn(4096, 4096, device=dev)
+        for _ in range(30):  # tens of ms of queued work ahead of the reads
+            big = big @ big / 64.0
+        small = [torch.full((3, 240, 320), 7, dtype=torch.uint8, device=dev) for _ in range(32)]
+        acc = torch.zeros((), dtype=torch.int64, device=dev)
+        for t in small:
+            acc += t.sum(dtype=torch.int64)
+        del small, t
+        _decoded(b, "cuda")
+        assert int(acc) == 32 * 7 * 3 * 240 * 320
 
 
 @pytest.mark.multirank

@@ -212,17 +212,23 @@ class ImagePlan:
         """What the training device needs to decode this image itself (data.decode=
         device): the crop box, drawn exactly as decode() draws it (the same RNG calls on
         the same upright geometry), and the EXIF orientation; no pixel is decoded. None,
-        before any RNG draw, for an image the device path does not take (not a baseline
-        or progressive JPEG in YCbCr or greyscale, e.g. CMYK, or a filter other than
-        bicubic or bilinear): decode() it on the host instead. Raises like decode() on a
+        before any RNG draw, for an image the device path does not take (not a JPEG in
+        YCbCr or greyscale, e.g. CMYK; or a plan that is not device_decodable()):
+        decode() it on the host instead. Raises like decode() on a
         header it cannot read, TooManyPixels over the limit."""
-        if _TORCH_MODES.get(self.resample) is None:
+        if not self.device_decodable():
             return None
         im, orient, w, h = self._header(data)
         if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
             return None
         box = self._box(h, w)
-        return DeviceJob(tuple(int(round(v)) for v in box), orient)  # type: ignore[arg-type]
+        return DeviceJob(tuple(int(round(v)) for v in box), orient,  # type: ignore[arg-type]
+                         (h, w))
+
+    def device_decodable(self) -> bool:
+        """Whether finish_on_device reproduces this plan: the fast resampling with a filter
+        torch has (bicubic, bilinear)."""
+        return self.resampling == "fast" and self.resample in _TORCH_MODES
 
     def decode_job(self, data: bytes, job: DeviceJob) -> torch.Tensor:
         """On the host, at full size, what finish_on_device makes of a decoded JPEG: the
@@ -235,11 +241,15 @@ class ImagePlan:
         """uint8 (3, H, W) on `decoded`'s device from a JPEG decoded there at full size
         in its stored orientation (3, h, w): turned upright, cropped to the job's box,
         resized with the plan's filter (antialiased, in float32, rounded to uint8 after
-        each pass: within one grey level of the host's uint8 kernel), centre-cropped for
-        the eval transform."""
+        each pass: within one grey level of the host's uint8 kernel on the same pixels),
+        centre-cropped for the eval transform. ValueError when the decoded size is not
+        the header's."""
         import torch.nn.functional as F
 
         x = _upright(decoded, job.orientation)
+        if tuple(x.shape) != (3, *job.size):
+            raise ValueError(f"the device decoded a {tuple(x.shape)} image, its header says "
+                             f"(3, {job.size[0]}, {job.size[1]}) upright")
         x0, y0, x1, y1 = job.box
         if self.kind == "random_resized_crop":
             x = x[:, y0:y1, x0:x1]
@@ -405,10 +415,12 @@ def _lookup_torch(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeviceJob:
     """ImagePlan.prepare's answer: the crop box on the upright full-size image (left,
-    top, right, bottom; whole pixels) and the EXIF orientation tag (1 = as stored)."""
+    top, right, bottom; whole pixels), the EXIF orientation tag (1 = as stored) and the
+    upright (height, width) the header gives."""
 
     box: tuple[int, int, int, int]
     orientation: int
+    size: tuple[int, int]
 
 
 def _upright(x: torch.Tensor, orientation: int) -> torch.Tensor:

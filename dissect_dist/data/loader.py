@@ -53,62 +53,45 @@ class Batch:
     plan: ImagePlan | None = None  # set when images are uint8 still to be normalised
     # Decoding on the training device (the loader's decode="device"): the JPEGs left to
     # decode there, concatenated (1-D uint8), and one row per JPEG: (batch row, offset,
-    # length, box left, top, right, bottom, EXIF orientation). `images` then holds only
-    # the rows decoded on the host (`host_rows`: the images the device path does not take).
+    # length, box left, top, right, bottom, EXIF orientation, upright height, width).
+    # `images` then holds only the rows decoded on the host (`host_rows`: the images the
+    # device path does not take) until images_on decodes the rest and holds them all.
     encoded: torch.Tensor | None = None
     jobs: np.ndarray | None = None
     host_rows: np.ndarray | None = None
     account: Callable[[list[tuple[str, str, str]]], None] | None = None
-    _on_device: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def images_on(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The images on `device` as `dtype`: uint8 ones are copied as uint8 and
         normalised there (bit-identical to ToTensor + Normalize, see ImagePlan.normalize).
 
         With JPEGs left to the device, they are decoded there first (`decode_jpeg`: nvJPEG
-        on CUDA); one the device rejects is decoded on the host from the same box (counted
-        as `device_decode_retry`), and one neither can decode is dropped from the batch
-        (counted as `undecodable_image`): call this before reading ids, texts and captions."""
+        on CUDA), once: `images` then holds the whole uint8 batch on `device`. One the
+        device rejects is decoded on the host from the same box (counted as
+        `device_decode_retry`), and one neither can decode is dropped from the batch
+        (counted as `undecodable_image`): call this before reading ids, texts, captions."""
         if self.encoded is not None:
-            assert self.plan is not None
-            return self.plan.normalize(self._decode_on(torch.device(device)), device, dtype)
+            self._decode_on(torch.device(device))
         if self.plan is not None:
             return self.plan.normalize(self.images, device, dtype)
         return self.images.to(device, non_blocking=True).to(dtype)
 
-    def _decode_on(self, device: torch.device) -> torch.Tensor:
-        if self._on_device is not None and self._on_device.device == device:
-            return self._on_device
-        import warnings
-
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+    def _decode_on(self, device: torch.device) -> None:
         plan, jobs, enc = self.plan, self.jobs, self.encoded
         assert plan is not None and jobs is not None and enc is not None
         out = torch.empty((self.ids.shape[0], 3, *plan.size), dtype=torch.uint8, device=device)
         if self.host_rows is not None and len(self.host_rows):
             out[torch.from_numpy(self.host_rows).to(device)] = self.images.to(device)
-        data = [enc[o:o + n] for o, n in jobs[:, 1:3].tolist()]
-        with warnings.catch_warnings():  # torchvision >= 0.29 marks its decoders deprecated
-            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities")
-            try:
-                decoded: list[torch.Tensor | None] = list(
-                    decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:  # one bad JPEG fails the whole call: one at a time
-                decoded = [_decode_one(d, device) for d in data]
-        bad, events = [], []
-        for (row, _, _, *box, orient), x, d in zip(jobs.tolist(), decoded, data):
-            job = DeviceJob((box[0], box[1], box[2], box[3]), orient)
-            sid = f"id {int(self.ids[row])}"
-            if x is not None:
-                out[row] = plan.finish_on_device(x, job)
-                continue
-            try:
-                out[row] = plan.decode_job(d.numpy().tobytes(), job).to(device)
-                events.append((DEVICE_RETRY_REASON, "device", sid))
-            except _DECODE_ERRORS:  # (its header passed the worker's checks)
-                bad.append(row)
-                events.append(("undecodable_image", "device", sid))
+        if device.type == "cuda":
+            # torchvision's nvJPEG path allocates its outputs on this stream but writes
+            # them from a stream of its own without waiting for this one: a block the
+            # caching allocator hands back while queued kernels still read it would be
+            # overwritten under them. Wait for the queue first (the call blocks anyway).
+            torch.cuda.current_stream(device).synchronize()
+        bad: list[int] = []
+        events: list[tuple[str, str, str]] = []
+        for chunk in _chunks(jobs, _DEVICE_DECODE_PIXELS):  # full-size decodes held at once
+            self._decode_chunk(chunk, enc, out, device, bad, events)
         if bad:
             keep = np.ones(self.ids.shape[0], dtype=bool)
             keep[bad] = False
@@ -116,16 +99,81 @@ class Batch:
             out = out[torch.from_numpy(keep).to(device)]
         if events and self.account is not None:
             self.account(events)
-        self._on_device = out
-        return out
+        self.images, self.encoded, self.jobs, self.host_rows = out, None, None, None
+
+    def _decode_chunk(self, jobs: np.ndarray, enc: torch.Tensor, out: torch.Tensor,
+                      device: torch.device, bad: list[int],
+                      events: list[tuple[str, str, str]]) -> None:
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        plan = self.plan
+        assert plan is not None
+        data = [enc[o:o + n] for o, n in jobs[:, 1:3].tolist()]
+        with warnings.catch_warnings():  # torchvision >= 0.29 marks its decoders deprecated
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities")
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # one bad JPEG fails the whole call: one at a time
+                decoded = [_decode_one(d, device) for d in data]
+                if all(x is None for x in decoded):  # not the data: the decoder itself
+                    raise RuntimeError(
+                        f"decoding {len(data)} JPEGs on {device} failed for every one of them "
+                        f"({e}); data.decode=workers decodes them in the data workers") from e
+                log.warning("the device's JPEG decoder rejected %d of %d images of a batch: "
+                            "those are decoded on the host", sum(x is None for x in decoded),
+                            len(data))
+        for (row, _, _, x0, y0, x1, y1, orient, h, w), x, d in zip(jobs.tolist(), decoded,
+                                                                     data):
+            job = DeviceJob((x0, y0, x1, y1), orient, (h, w))
+            if x is not None:
+                try:
+                    out[row] = plan.finish_on_device(x, job)
+                    continue
+                except ValueError:  # decoded at another size than its header's
+                    pass
+            sid = f"id {int(self.ids[row])}"
+            try:
+                out[row] = plan.decode_job(d.numpy().tobytes(), job).to(device)
+                events.append((DEVICE_RETRY_REASON, "device", sid))
+            except _DECODE_ERRORS:  # (its header passed the worker's checks)
+                bad.append(row)
+                events.append(("undecodable_image", "device", sid))
 
     def _keep_rows(self, keep: np.ndarray) -> None:
         """Drop the rows where `keep` is False from ids, texts and captions."""
         mask = torch.from_numpy(keep)
         self.ids = self.ids[mask]
-        self.texts = self.texts[mask] if isinstance(self.texts, torch.Tensor) \
-            else [t for t, k in zip(self.texts, keep) if k]
+        if isinstance(self.texts, torch.Tensor):
+            self.texts = self.texts[mask]
+        elif isinstance(self.texts, list):
+            self.texts = [t for t, k in zip(self.texts, keep) if k]
+        else:
+            raise TypeError(f"cannot drop rows from tokenizer output of type "
+                            f"{type(self.texts).__name__}: use data.decode=workers")
         self.captions = [c for c, k in zip(self.captions, keep) if k]
+
+
+# Decoded pixels a device decode holds at once (uint8 RGB: 3 bytes each): a batch of
+# camera-size photos is decoded in chunks, each finished before the next is decoded.
+_DEVICE_DECODE_PIXELS = 256 * 2**20
+
+
+def _chunks(jobs: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+    """`jobs` in order, in runs whose decoded pixels (height x width) stay within
+    `budget`; a single larger image is a run of its own."""
+    start, total = 0, 0
+    for i, px in enumerate((jobs[:, 8] * jobs[:, 9]).tolist()):
+        if total and total + px > budget:
+            yield jobs[start:i]
+            start, total = i, 0
+        total += px
+    if start < len(jobs):
+        yield jobs[start:]
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -364,7 +412,8 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
                 res = prepare_planned(got, plan)
                 if isinstance(res, tuple):  # left to the device: its bytes and crop box
                     data, job, caption = res
-                    jobs.append((len(kept), offset, len(data), *job.box, job.orientation))
+                    jobs.append((len(kept), offset, len(data), *job.box, job.orientation,
+                                 *job.size))
                     encoded.append(data)
                     offset += len(data)
                     res = (None, caption)
@@ -412,7 +461,7 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             view = buf.numpy()
             for (_, o, n, *_), data in zip(jobs, encoded):
                 view[o:o + n] = np.frombuffer(data, dtype=np.uint8)
-            out.update(encoded=buf, jobs=np.asarray(jobs, dtype=np.int64).reshape(-1, 8),
+            out.update(encoded=buf, jobs=np.asarray(jobs, dtype=np.int64).reshape(-1, 10),
                        host_rows=np.asarray(host_rows, dtype=np.int64))
         return out
 
@@ -451,6 +500,11 @@ class WebDatasetLoader:
         if decode == "device" and self.plan is None:
             raise ValueError("decode='device' needs an ImagePlan as preprocess (the JPEG fast "
                              f"path), got {type(preprocess).__name__}")
+        if decode == "device" and self.plan is not None and not self.plan.device_decodable():
+            raise ValueError(
+                f"decode='device' resizes on the device with torch's bicubic or bilinear "
+                f"filter (resampling 'fast'); this plan has PIL filter {self.plan.resample} "
+                f"and resampling {self.plan.resampling!r}: use decode='workers'")
         # Where JPEGs are decoded: in the data workers, or (as far as the device decoder
         # takes them) on the training device, by Batch.images_on.
         self.decode = decode

@@ -37,8 +37,10 @@ class TokenizerMismatch(ValueError):
     """A token cache built with another tokenizer."""
 
 
-# Vocabulary digests already computed, per live tokenizer object: hashing a 49k-entry
-# vocabulary takes ~50 ms, a cost every new loader (a resumed one too) paid again.
+# The vocabulary's part of the identity (its sorted JSON, ~1 MB for open_clip's), kept per
+# live tokenizer object: building it takes ~50 ms, which every new loader (a resumed one
+# too) paid again. A tokenizer whose vocabulary is changed in place after its first use
+# (e.g. tokens added) keeps its first record: make a new tokenizer object instead.
 _VOCAB_DIGESTS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
