@@ -393,11 +393,13 @@ def _table_on(mean: tuple[float, ...], std: tuple[float, ...], device: torch.dev
 
 def _lookup_numpy(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """float32 table[c][images[:, c]] on the CPU (numpy's take reads uint8 indices as
-    they are; they are always in range)."""
+    they are; they are always in range), one contiguous (H, W) plane at a time: ~1.5x
+    faster than one strided (k, H, W) channel at a time."""
     src, tab = images.numpy(), table.numpy()
     out = np.empty(src.shape, dtype=np.float32)
-    for c in range(src.shape[1]):
-        np.take(tab[c], src[:, c], out=out[:, c], mode="clip")
+    for n in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            np.take(tab[c], src[n, c], out=out[n, c], mode="clip")
     return torch.from_numpy(out)
 
 
