@@ -83,6 +83,31 @@ def test_crop_boxes_are_the_same_with_and_without_reduced_decoding(monkeypatch, 
     assert max(scales) >= 2  # reduced decoding did happen
 
 
+@pytest.mark.parametrize("scale, ratio", [((0.9, 1.0), (3 / 4, 4 / 3)),
+                                          ((0.08, 1.0), (3 / 4, 4 / 3)),
+                                          ((0.5, 1.0), (1.0, 1.0)), ((0.9, 1.0), (0.5, 2.0))])
+def test_boxes_equal_torchvisions_where_no_try_can_fit_too(scale, ratio):
+    """Where none of RandomResizedCrop's ten tries can fit, the plan skips the draws and
+    takes torchvision's central-crop fallback: the same box as get_params, for images of
+    every size and aspect (open_clip's scale 0.9-1 skips most of them)."""
+    plan = ImagePlan.from_transform(T.Compose([T.RandomResizedCrop(64, scale=scale, ratio=ratio),
+                                               T.ToTensor()]))
+    g = np.random.default_rng(1)
+    skipped = 0
+    for k in range(600):
+        h = int(g.integers(1, 1500))
+        w = int(h * g.uniform(0.9, 1.5)) + 1 if k % 2 else int(g.integers(1, 1500))
+        skipped += not plan._a_try_can_fit(h, w)
+        torch.manual_seed(k)
+        ours = plan._box(h, w)
+        torch.manual_seed(k)
+        i, j, bh, bw = T.RandomResizedCrop.get_params(torch.empty(1).expand(3, h, w),
+                                                      list(scale), list(ratio))
+        assert ours == (j, i, j + bw, i + bh), (h, w)
+    if scale[0] >= 0.9:  # the shortcut is exercised, not only the draws
+        assert skipped > 100, skipped
+
+
 def test_without_reduced_decoding_exact_resampling_is_bit_identical_to_the_transform():
     data = jpeg(photo(1))
     for transform in (TRAIN, EVAL):

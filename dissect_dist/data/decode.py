@@ -282,11 +282,31 @@ class ImagePlan:
         if self.kind == "random_resized_crop":
             import torchvision.transforms as T
 
-            # torchvision reads only the geometry: a stride-0 view stands in for the image.
-            i, j, bh, bw = T.RandomResizedCrop.get_params(
-                torch.empty(1).expand(3, h, w), list(self.scale), list(self.ratio))
+            if not self._a_try_can_fit(h, w):
+                i, j, bh, bw = _central_crop(h, w, self.ratio)
+            else:  # torchvision reads only the geometry: a stride-0 view stands in
+                i, j, bh, bw = T.RandomResizedCrop.get_params(
+                    torch.empty(1).expand(3, h, w), list(self.scale), list(self.ratio))
             return (j, i, j + bw, i + bh)
         return (0, 0, w, h)
+
+    def _a_try_can_fit(self, h: int, w: int) -> bool:
+        """False when none of RandomResizedCrop.get_params' ten random tries can fit in
+        an h x w image, so that it ends in its central-crop fallback whatever it draws:
+        the box is then known without the draws (~0.1 ms of torch calls per sample; with
+        open_clip's scale 0.9-1, most images whose aspect is past ~1.2). A try draws a
+        scale s >= scale[0] and a ratio r in [ratio[0], ratio[1]] and fits when
+        round(sqrt(A s r)) <= w and round(sqrt(A s / r)) <= h (A = h w): that needs
+        A s / (h + 1/2)^2 < r < (w + 1/2)^2 / (A s), an interval widest at s = scale[0].
+        Answers True (draw as torchvision does) unless that interval misses the ratio
+        range by a margin far above float rounding. The per-sample seed makes the RNG
+        state after the box irrelevant (nothing else draws before the next reseed)."""
+        lo_r, hi_r = min(self.ratio), max(self.ratio)
+        if self.scale[0] <= 0 or lo_r <= 0 or self.scale[0] > self.scale[1]:
+            return True
+        area_min = h * w * self.scale[0]
+        lo, hi = area_min / (h + 0.5) ** 2, (w + 0.5) ** 2 / area_min
+        return not (hi < lo_r * (1 - 1e-3) or lo > hi_r * (1 + 1e-3))
 
     def _resized(self, h: int, w: int) -> tuple[int, int]:
         """Resize's output geometry, by torchvision's rule (shorter side to `resize`, the
@@ -412,6 +432,21 @@ def _lookup_torch(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         idx = images[:, c].reshape(-1).to(torch.int32)
         out[:, c] = table[c].index_select(0, idx).view(out[:, c].shape)
     return out
+
+
+def _central_crop(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop.get_params' fallback after ten failed tries, as torchvision
+    computes it: (top, left, height, width)."""
+    in_ratio = float(w) / float(h)
+    if in_ratio < min(ratio):
+        bw = w
+        bh = int(round(bw / min(ratio)))
+    elif in_ratio > max(ratio):
+        bh = h
+        bw = int(round(bh * max(ratio)))
+    else:
+        bw, bh = w, h
+    return (h - bh) // 2, (w - bw) // 2, bh, bw
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
