@@ -329,6 +329,26 @@ def test_a_jpeg_that_reduced_decoding_rejects_is_decoded_at_full_size(photos, mo
     assert loader.retried["full_size_retry"] == photos.total and not loader.skipped
 
 
+def test_retries_are_all_counted_but_only_the_first_ones_logged(photos, monkeypatch, caplog):
+    """A retry can be systematic (every JPEG of a kind): 40 here, 20 logged one by one,
+    then one line; loader.retried counts them all."""
+    orig = ImagePlan.decode
+
+    def picky(self, data, out=None):
+        if self.draft:
+            raise OSError("broken data stream when reading image file")
+        return orig(self, data, out)
+
+    monkeypatch.setattr(ImagePlan, "decode", picky)
+    loader = _loader(photos)
+    with caplog.at_level("WARNING", logger="dissect_dist.data.loader"):
+        list(loader)
+    lines = [r.getMessage() for r in caplog.records]
+    assert loader.retried["full_size_retry"] == photos.total == 40
+    assert sum("reduced-size JPEG decoding failed" in x for x in lines) == 20
+    assert sum("no longer logged one by one" in x for x in lines) == 1
+
+
 def _sof_patched(data: bytes, w: int, h: int) -> bytes:
     """The JPEG with its frame header claiming w x h (a decompression bomb's header)."""
     i = data.index(b"\xff\xc0")

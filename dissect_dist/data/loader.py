@@ -40,6 +40,7 @@ SKIP_REASONS = ("missing_image", "undecodable_image", "missing_caption", "empty_
 RETRY_REASON = "full_size_retry"
 # Not skips either: a JPEG the training device's decoder rejected, decoded on the host.
 DEVICE_RETRY_REASON = "device_decode_retry"
+_RETRIES_LOGGED = 20  # per retry reason and loader; later ones are counted only
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
 
 
@@ -119,14 +120,12 @@ class Batch:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # one bad JPEG fails the whole call: one at a time
+                # (the ones it rejects are decoded on the host and counted, below)
                 decoded = [_decode_one(d, device) for d in data]
                 if all(x is None for x in decoded):  # not the data: the decoder itself
                     raise RuntimeError(
                         f"decoding {len(data)} JPEGs on {device} failed for every one of them "
                         f"({e}); data.decode=workers decodes them in the data workers") from e
-                log.warning("the device's JPEG decoder rejected %d of %d images of a batch: "
-                            "those are decoded on the host", sum(x is None for x in decoded),
-                            len(data))
         for (row, _, _, x0, y0, x1, y1, orient, h, w), x, d in zip(jobs.tolist(), decoded,
                                                                      data):
             job = DeviceJob((x0, y0, x1, y1), orient, (h, w))
@@ -550,6 +549,13 @@ class WebDatasetLoader:
         for reason, shard, key in skipped:
             retry = reason in (RETRY_REASON, DEVICE_RETRY_REASON)
             (self.retried if retry else self.skipped)[reason] += 1
+            if retry and self.retried[reason] > _RETRIES_LOGGED:
+                # A retry can be systematic (a kind of JPEG one decoder never takes):
+                # the first few are logged, the rest only counted (loader.retried).
+                if self.retried[reason] == _RETRIES_LOGGED + 1:
+                    log.warning("more samples needed %s; counted in loader.retried, no "
+                                "longer logged one by one", reason)
+                continue
             if (shard, key, reason) not in self._logged:
                 self._logged.add((shard, key, reason))
                 if reason == RETRY_REASON:
