@@ -26,9 +26,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 if __package__:
-    from benchmarks import common
+    from benchmarks import common, profile_summary
 else:  # run as a file: python benchmarks/gpu_smoke.py
     import common  # type: ignore[no-redef]
+    import profile_summary  # type: ignore[no-redef]
 
 
 def _shard(args: tuple[str, int, int, int]) -> tuple[str, int]:
@@ -107,6 +108,10 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
     rows = common.read_metrics(run_dir)
     train = [x for x in rows if x["kind"] == "train"]
     steady = common.steady_windows(rows)  # the first window holds warm-up and compilation
+    prof = None
+    if a.profile_at:  # the profiled steps phase by phase: device busy vs wall, top kernels
+        prof = profile_summary.summarize(run_dir / "profile" / "rank0.trace.json")
+        print(f"[gpu_smoke] {label}, profiled steps:\n{profile_summary.table(prof)}", flush=True)
     return {
         "strategy": label, "launch_wall_s": r.wall_s,
         "samples_per_s": sum(x["samples_per_s"] for x in steady) / len(steady),
@@ -115,6 +120,7 @@ def run(label: str, manifest: str, out: Path, a: argparse.Namespace) -> dict:
         "step_time_ms": common.step_time_split(rows),
         "gpu_mem_peak_gib": max(x.get("gpu_mem_peak_gib", 0.0) for x in train),
         "final_loss": train[-1]["loss"],
+        "profile": prof,
     }
 
 

@@ -94,21 +94,32 @@ class StepTimer(Observer):
     """Wall-clock time of each phase of the step (`time_<phase>_ms`, mean over the log
     window). With breakdown (train.time_breakdown) each mark waits for the device on
     CUDA, and ranks meet in a barrier before the selection, so that rank skew is booked
-    as `wait`, not as exchange time."""
+    as `wait`, not as exchange time. With annotate (while the step is profiled), each
+    phase is also a `torch.profiler.record_function` range named PHASE_PREFIX + phase, in
+    the order of PHASES, so that a trace can be cut by phase
+    (benchmarks/profile_summary.py)."""
 
-    def __init__(self, breakdown: bool, device: torch.device, world: int) -> None:
+    PHASES = ("input", "score", "wait", "select", "fwd_bwd", "optim")
+    PHASE_PREFIX = "dissect_dist.phase."
+
+    def __init__(self, breakdown: bool, device: torch.device, world: int,
+                 annotate: bool = False) -> None:
         self.breakdown, self.device, self.world = breakdown, device, world
+        self.annotate = annotate
         self._t: dict[str, float] = {}
         self._window: list[dict[str, float]] = []
+        self._range: Any = None
 
     def start(self) -> None:
         self._t = {"start": time.perf_counter()}
+        self._annotate_next(None)
 
     def mark(self, phase: str) -> None:
         """The end of `phase` (which began at the previous mark)."""
         if self.breakdown and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._t[phase] = time.perf_counter()
+        self._annotate_next(phase)
 
     def wait_for_ranks(self) -> None:
         """Ranks reach the selection at different moments (their data workers share the
@@ -116,6 +127,21 @@ class StepTimer(Observer):
         if self.breakdown and self.world > 1:
             dist.barrier()
         self._t["wait"] = time.perf_counter()
+        self._annotate_next("wait")
+
+    def _annotate_next(self, ended: str | None) -> None:
+        """Close the profiler range of the phase that ended, open the next one's."""
+        if not self.annotate:
+            return
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+        i = 0 if ended is None else self.PHASES.index(ended) + 1
+        if i < len(self.PHASES):
+            from torch.profiler import record_function
+
+            self._range = record_function(self.PHASE_PREFIX + self.PHASES[i])
+            self._range.__enter__()
 
     def phases(self) -> dict[str, float]:
         names = list(self._t)

@@ -110,7 +110,8 @@ class Trainer:
         # The side concerns of the loop, each on its own cadence; the order is the order
         # they see each step (a train row before an eval row, as metrics.jsonl reads).
         self.sink = MetricSink(str(self.run_dir), self.rank)
-        self.timer = StepTimer(cfg.train.time_breakdown, self.device, self.world)
+        self.timer = StepTimer(cfg.train.time_breakdown, self.device, self.world,
+                               annotate=cfg.train.profile_at > 0)
         noise = self._noise_diagnostics()
         self.log = TrainLog(self.sink, Every(cfg.train.log_every, at_last=True), self.device,
                             self.rank, self.timer, noise)

@@ -226,3 +226,42 @@ def test_gpu_smoke_dry_runs_on_the_cpu(tmp_path):
         assert any((out / f"run-{x['strategy']}" / "profile").glob("rank0*.json"))
     assert 0.25 < res["runs"][1]["kept_fraction"] < 0.4
     assert "data.decode=device" in (out / "log-dissect_momentum+device.txt").read_text()
+    for x in res["runs"]:  # the profiled steps 3-5, cut by the step timer's phases
+        phases = x["profile"]["phases"]
+        assert set(phases) == {"input", "score", "wait", "select", "fwd_bwd", "optim"}
+        assert all(p["ranges"] == 3 and p["wall_ms"] > 0 for p in phases.values())
+        assert phases["fwd_bwd"]["device_busy_ms"] is None  # no device events on a CPU
+        assert phases["fwd_bwd"]["top_cpu_ops_inclusive_ms"]
+
+
+def test_profile_summary_cuts_device_time_by_phase(tmp_path):
+    """Device busy time is the union of kernel intervals clipped to each phase."""
+    from benchmarks import profile_summary as ps
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 0}
+
+    events = [x("user_annotation", "dissect_dist.phase.score", 0, 100),
+              x("user_annotation", "dissect_dist.phase.fwd_bwd", 100, 200),
+              x("user_annotation", "dissect_dist.phase.score", 1000, 100),
+              x("kernel", "gemm", 10, 20), x("kernel", "gemm", 20, 30),  # overlap: 10..50
+              x("kernel", "softmax", 90, 30),  # straddles the boundary at 100
+              x("gpu_memcpy", "Memcpy HtoD", 1050, 10),
+              x("cuda_runtime", "cudaStreamSynchronize", 60, 30),
+              x("cuda_runtime", "cudaMalloc", 150, 5), x("cpu_op", "aten::mm", 0, 50)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = ps.summarize(path)
+    score, fb = s["phases"]["score"], s["phases"]["fwd_bwd"]
+    assert score["ranges"] == 2 and score["wall_ms"] == pytest.approx(0.2)
+    assert score["device_busy_ms"] == pytest.approx(0.06)  # 10..50, 90..100, 1050..1060
+    assert dict(score["top_kernels_ms"]) == pytest.approx(
+        {"gemm": 0.05, "softmax": 0.01, "Memcpy HtoD": 0.01})
+    assert fb["device_busy_ms"] == pytest.approx(0.02) and fb["device_busy_fraction"] == \
+        pytest.approx(0.1)
+    assert score["cuda_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": 0.03}}
+    assert fb["cuda_calls"]["cudaMalloc"]["count"] == 1
+    assert "| score | 2 | 0.2 | 0.1 | 0.30 | 0.0 | 0 |" in ps.table(s)
+    (tmp_path / "none.json").write_text(json.dumps({"traceEvents": events[3:]}))
+    with pytest.raises(ValueError, match="no dissect_dist.phase"):
+        ps.summarize(tmp_path / "none.json")
