@@ -228,7 +228,11 @@ class ImagePlan:
     def device_decodable(self) -> bool:
         """Whether finish_on_device reproduces this plan: the fast resampling with a filter
         torch has (bicubic, bilinear)."""
-        return self.resampling == "fast" and self.resample in _TORCH_MODES
+        return self._torch_mode() is not None
+
+    def _torch_mode(self) -> str | None:
+        """The F.interpolate mode of the fast resampling, None where PIL resamples."""
+        return _TORCH_MODES.get(self.resample) if self.resampling == "fast" else None
 
     def decode_job(self, data: bytes, job: DeviceJob) -> torch.Tensor:
         """On the host, at full size, what finish_on_device makes of a decoded JPEG: the
@@ -260,7 +264,8 @@ class ImagePlan:
             # Two passes, width then height, rounded and clamped to 8 bits in between, as
             # the host's uint8 kernel (and PIL) does: within one grey level of it, where a
             # single float pass differs by up to ~6 next to hard edges.
-            mode = _TORCH_MODES[self.resample]
+            mode = self._torch_mode()
+            assert mode is not None, "a plan that is not device_decodable()"
             y = x[None].float()
             for step in ((y.shape[-2], size[1]), (size[0], size[1])):
                 if tuple(y.shape[-2:]) != step:
@@ -321,7 +326,7 @@ class ImagePlan:
                 off: tuple[float, float]) -> torch.Tensor:
         """Crop and resize the decoded upright image `im`: full-size coordinate (x, y) is
         at (x / s + off[0], y / s + off[1]) in it. uint8 (3, H, W), any memory layout."""
-        mode = _TORCH_MODES.get(self.resample) if self.resampling == "fast" else None
+        mode = self._torch_mode()
         if mode is not None:
             return self._finish_torch(im, box, s, off, mode)
         if self.kind == "random_resized_crop":
