@@ -26,6 +26,15 @@ reading up to that point.
     python benchmarks/loader_throughput.py [--samples 3000] [--workers 2] [--repeats 3]
 
 Writes benchmarks/results/loader_throughput.json.
+
+    python benchmarks/loader_throughput.py --epoch-starts [--epochs 12] [--before REV]
+
+The epoch-start columns instead: how long a loader takes to its first batch when it starts
+(first epoch) and at each later epoch's start, and an epoch's wall time, for ours and for
+the loader of revision REV (default e1efe2a: workers forked anew every epoch from the
+training process), on the 28-px demo data (Fashion-MNIST, the tiny-cpu config's transform
+and batch) and on the photo set; fresh subprocesses, alternating, `--repeats` rounds.
+Writes benchmarks/results/loader_epoch_start.json.
 """
 
 from __future__ import annotations
@@ -172,6 +181,90 @@ def resume_cost(a) -> dict[str, Any]:
     return out
 
 
+BEFORE = "e1efe2a"  # workers forked from the training process at every epoch start
+
+
+def epoch_starts(a) -> dict[str, Any]:
+    """One loader, `a.epochs` epochs, in this (fresh) process: seconds to the first batch
+    of the first epoch (the loader's start) and of each later epoch, and epoch walls."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dissect_dist.data import Manifest
+    from dissect_dist.data.decode import ImagePlan
+
+    m = Manifest.load(str(Path(a.data) / "manifest.json"))
+    if a.set == "demo":
+        from dissect_dist import model as modellib
+
+        _, pre, _, tok = modellib.create("tiny-vit-28", None)
+        plan = ImagePlan.from_transform(pre, resampling="exact")
+    else:
+        pre, tok = _transform_and_tokenizer()
+        plan = ImagePlan.from_transform(pre)
+    from dissect_dist.data import WebDatasetLoader
+
+    loader = WebDatasetLoader(m, rank=0, world_size=a.world, batch_size=a.batch_size, seed=0,
+                              preprocess=plan, tokenizer=tok, num_workers=a.workers,
+                              token_cache=a.token_cache)
+    first, walls = [], []
+    for _ in range(a.epochs):
+        t0 = time.perf_counter()
+        it = iter(loader)
+        next(it)
+        first.append(time.perf_counter() - t0)
+        for _ in it:
+            pass
+        walls.append(time.perf_counter() - t0)
+    return {"start_s": first[0], "epoch_start_s": first[1:], "epoch_wall_s": walls[1:],
+            "batches": len(loader), "code": __import__("dissect_dist").__file__}
+
+
+def epoch_start_table(a) -> None:
+    if __package__:
+        from benchmarks import common
+    else:
+        import common  # type: ignore[no-redef]
+    sets = {"demo": str(REPO / "data" / "fmnist-500-noise0.4" / "train"), "photos": a.data}
+    if not (Path(sets["demo"]) / "manifest.json").exists():
+        from dissect_dist.data.builders import build_fashion_mnist
+
+        build_fashion_mnist(str(Path(sets["demo"]).parent), noise=0.4, seed=0, subset=500)
+    if not (Path(a.data) / "manifest.json").exists():
+        from dissect_dist.data.photos import build_photos
+
+        build_photos(a.data, samples=a.samples, seed=0)
+    shape = {"demo": ("32", "2"), "photos": (str(a.batch_size), "1")}  # batch, world
+    res: dict[str, Any] = {"command": "python benchmarks/loader_throughput.py "
+                           + " ".join(sys.argv[1:]),
+                           "machine": {**common.machine_info(),
+                                       "date": time.strftime("%Y-%m-%d %H:%M")},
+                           "workers": a.workers, "epochs": a.epochs, "sets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["before"] = _baseline(a.before, tmp)
+        code = {"ours": str(REPO), "before": tmp}
+        for name, data in sets.items():
+            bs, world = shape[name]
+            extra = ["--epoch-starts-one", "--set", name, "--epochs", str(a.epochs),
+                     "--world", world]
+            b = argparse.Namespace(**{**vars(a), "data": data, "batch_size": int(bs),
+                                      "token_cache": str(Path(tmp) / f"tokens-{name}")})
+            _run(b, "ours", code["ours"], extra)  # fills the token cache
+            runs: dict[str, list[dict]] = {"ours": [], "before": []}
+            for _ in range(a.repeats):
+                for c in runs:
+                    runs[c].append(_run(b, "ours", code[c], extra))
+            res["sets"][name] = {"data": data, "batch_size": int(bs), "world": int(world),
+                                 "runs": runs}
+            for c, rs in runs.items():
+                print(f"| {name} | {c} | {statistics.median(r['start_s'] for r in rs):.3f} | "
+                      f"{statistics.median(x for r in rs for x in r['epoch_start_s']):.3f} | "
+                      f"{statistics.median(x for r in rs for x in r['epoch_wall_s']):.3f} | "
+                      f"{rs[0]['batches']} |", flush=True)
+    common.write_json(Path(a.out), res)
+    print(f"wrote {a.out}")
+
+
 def _baseline(ref: str, into: str) -> str:
     """The package of git revision `ref`, extracted into `into` (no checkout touched)."""
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], check=True,
@@ -206,10 +299,25 @@ def main() -> None:
                    "fast path)")
     p.add_argument("--token-cache", default="", help="token cache directory (default: temp)")
     p.add_argument("--one", choices=CONFIGS + ("resume",), help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
-                                        "loader_throughput.json"), help="result JSON")
+    p.add_argument("--epoch-starts", action="store_true",
+                   help="measure loader and epoch start times instead (see above)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs per --epoch-starts run")
+    p.add_argument("--before", default=BEFORE,
+                   help="git revision of the loader compared with --epoch-starts")
+    p.add_argument("--epoch-starts-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--set", default="photos", help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help="result JSON")
     a = p.parse_args()
     a.data = a.data or str(REPO / "data" / f"bench-photos-{a.samples}")
+    a.out = a.out or str(REPO / "benchmarks" / "results" / (
+        "loader_epoch_start.json" if a.epoch_starts else "loader_throughput.json"))
+    if a.epoch_starts_one:
+        print(json.dumps(epoch_starts(a)))
+        return
+    if a.epoch_starts:
+        epoch_start_table(a)
+        return
     if a.one == "resume":
         print(json.dumps(resume_cost(a)))
         return

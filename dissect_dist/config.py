@@ -81,12 +81,19 @@ class DataConfig:
     # pass (within one grey level of the workers' uint8 kernel on the same pixels), so it
     # needs resampling=fast; evaluation sets are always decoded on the host.
     decode: Literal["workers", "device"] = "workers"
+    # How long a rank waits for its next batch from a data worker before the run stops
+    # (exit 5, one line naming the rank, the worker and the shard it was reading). Covers
+    # a cold read of a shard from object storage; with workers: 0 the read happens on the
+    # rank's main thread, and train.collective_timeout_s bounds it instead.
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(bool(self.train_manifest), "data.train_manifest",
                "required: the manifest.json of the training shards")
         _check(self.batch_size >= 1, "data.batch_size", f"{self.batch_size}: need >= 1")
         _check(self.workers >= 0, "data.workers", f"{self.workers}: need >= 0")
+        _check(self.worker_timeout_s > 0, "data.worker_timeout_s",
+               f"{self.worker_timeout_s}: need > 0 (seconds a rank waits for a batch)")
         _check(self.resampling in ("fast", "exact"), "data.resampling",
                f"{self.resampling!r}: choose fast or exact")
         _check(self.decode in ("workers", "device"), "data.decode",

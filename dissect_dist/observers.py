@@ -32,6 +32,7 @@ import torch.distributed as dist
 from dissect_dist import model as modellib
 from dissect_dist.config import DataConfig
 from dissect_dist.evaluate import EvalSet, retrieval_on, zeroshot_counts
+from dissect_dist.liveness import Where
 from dissect_dist.metrics import MetricSink, auroc, key_histogram
 from dissect_dist.selection import DissectMomentum, Ranking, ScoredBatch
 from store import Collective, ScoreStore
@@ -103,9 +104,10 @@ class StepTimer(Observer):
     PHASE_PREFIX = "dissect_dist.phase."
 
     def __init__(self, breakdown: bool, device: torch.device, world: int,
-                 annotate: bool = False) -> None:
+                 annotate: bool = False, where: Where | None = None) -> None:
         self.breakdown, self.device, self.world = breakdown, device, world
         self.annotate = annotate
+        self.where = where  # told each phase as it begins (the heartbeat publishes it)
         self._t: dict[str, float] = {}
         self._window: list[dict[str, float]] = []
         self._range: Any = None
@@ -131,12 +133,14 @@ class StepTimer(Observer):
 
     def _annotate_next(self, ended: str | None) -> None:
         """Close the profiler range of the phase that ended, open the next one's."""
+        i = 0 if ended is None else self.PHASES.index(ended) + 1
+        if self.where is not None and i < len(self.PHASES):
+            self.where.enter(self.PHASES[i])
         if not self.annotate:
             return
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
-        i = 0 if ended is None else self.PHASES.index(ended) + 1
         if i < len(self.PHASES):
             from torch.profiler import record_function
 

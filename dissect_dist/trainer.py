@@ -23,6 +23,7 @@ from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig
 from dissect_dist.data import Manifest, WebDatasetLoader
 from dissect_dist.data.decode import ImagePlan
+from dissect_dist.liveness import Where
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink
 from dissect_dist.observers import (
@@ -43,10 +44,13 @@ from store import ScoreStore, TorchDistributed
 
 class Trainer:
     def __init__(self, cfg: RunConfig, deepspeed_config: dict[str, Any] | None = None,
-                 resume: str | None = None) -> None:
+                 resume: str | None = None, where: Where | None = None) -> None:
         import deepspeed
 
         self.cfg = cfg
+        # Where the loop is (step, phase): the heartbeat publishes it, so that a rank that
+        # stops making progress is named with its place (dissect_dist/liveness.py).
+        self.where = where if where is not None else Where()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         fast = cfg.model.mha_fastpath  # process-wide; see ModelConfig.mha_fastpath
@@ -68,7 +72,8 @@ class Trainer:
             batch_size=cfg.data.batch_size, seed=cfg.train.seed, preprocess=pre_train,
             tokenizer=tokenizer, num_workers=cfg.data.workers,
             shuffle_window=cfg.data.shuffle_window, pin_memory=self.device.type == "cuda",
-            token_cache=str(self.run_dir / "tokens"), decode=cfg.data.decode)
+            token_cache=str(self.run_dir / "tokens"), decode=cfg.data.decode,
+            worker_timeout_s=cfg.data.worker_timeout_s)
         # How far the run has got, in samples (see dissect_dist/optim.py): a resume with
         # another world size ends after the same epochs, on the same learning-rate curve.
         self.progress = Progress(samples_seen=0, ref_batch=self.world * cfg.data.batch_size)
@@ -111,7 +116,7 @@ class Trainer:
         # they see each step (a train row before an eval row, as metrics.jsonl reads).
         self.sink = MetricSink(str(self.run_dir), self.rank)
         self.timer = StepTimer(cfg.train.time_breakdown, self.device, self.world,
-                               annotate=cfg.train.profile_at > 0)
+                               annotate=cfg.train.profile_at > 0, where=self.where)
         noise = self._noise_diagnostics()
         self.log = TrainLog(self.sink, Every(cfg.train.log_every, at_last=True), self.device,
                             self.rank, self.timer, noise)
@@ -206,22 +211,29 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         self.log.start(total=self.step + self._steps_left(), initial=self.step,
                        desc=self.cfg.selection.strategy)
+        where = self.where
         while not self._done():
             epoch = self.loader.epoch if self.loader.cursor < len(self.loader) \
                 else self.loader.epoch + 1
+            where.enter("data", self.step)
             for batch in self.loader:
                 rec = self.train_step(batch)
+                where.enter("observe", self.step)
                 for o in self.observers.values():
                     o.on_step(rec)
                 if self._save_every.due(self.step):
                     self.save()
                 if rec.last:
                     break
+                where.enter("data")
             if self.loader.cursor >= len(self.loader):
+                where.enter("observe")
                 self._end_of_epoch(epoch)
         self.log.close()
+        where.enter("observe", self.step)
         final = self.evaluator.final(self.step)
         self.save()
+        where.enter("end")
         if self.rank == 0:  # the trained model, loadable by open_clip.create_model(name, path)
             modellib.export_open_clip(self.engine.module, str(self.run_dir / "open_clip_model.pt"))
         return final
@@ -262,6 +274,7 @@ class Trainer:
                 "observers": {k: o.state_dict() for k, o in self.observers.items()}}
 
     def save(self) -> None:
+        self.where.enter("checkpoint")
         checkpoint.save(self.ckpt_root, self.step, self.engine, self.selector.store,
                         self._rank_state(), {"config": self.cfg.to_dict()},
                         self.cfg.train.keep_checkpoints)
@@ -307,6 +320,7 @@ class Trainer:
         for o in self.observers.values():
             o.close()
         self.sink.close()
+        self.loader.close()
 
 
 # 2: the observers' state under "observers" (1, unversioned: trained_total, epoch_keys

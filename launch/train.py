@@ -8,7 +8,12 @@ generated from it unless --deepspeed_config.
 Exit status: 0 done; 2 config error; 3 a checkpoint could not be written (every rank
 prints why, and how to go on: the previous checkpoint is still `latest`); 4 a collective
 failed or waited longer than train.collective_timeout_s (a host or the network between
-hosts was lost): one line names the lost ranks and the last committed checkpoint."""
+hosts was lost, or a rank stopped making progress): one line names the lost ranks, or the
+ranks that made no progress with their last step and phase, and the last committed
+checkpoint; 5 a data worker produced no batch within data.worker_timeout_s: one line names
+the rank, the worker and the shard it was reading. On 4 and 5 every rank of the job ends,
+on every host (dissect_dist/liveness.py). `kill -USR1 PID` prints every thread's stack of
+a rank without stopping it."""
 
 from __future__ import annotations
 
@@ -57,22 +62,28 @@ def main() -> int:
         with open(args.deepspeed_config) as f:
             ds_cfg = json.load(f)
 
+    import faulthandler
+    import signal
     from datetime import timedelta
 
     import deepspeed
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where is each thread?
 
     deepspeed.init_distributed(dist_backend=None,
                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     import torch.distributed as dist
 
     from dissect_dist.checkpoint import CheckpointError
-    from dissect_dist.liveness import Heartbeat, is_comm_failure
+    from dissect_dist.data import DataStalled
+    from dissect_dist.liveness import Heartbeat, Where, is_comm_failure
     from dissect_dist.trainer import Trainer
 
-    heartbeat = Heartbeat(dist.get_rank(), dist.get_world_size()) \
+    where = Where()
+    heartbeat = Heartbeat(dist.get_rank(), dist.get_world_size(), where, on_abort=_end_now) \
         if dist.get_world_size() > 1 else None
     try:
-        trainer = Trainer(cfg, ds_cfg, resume=args.resume)
+        trainer = Trainer(cfg, ds_cfg, resume=args.resume, where=where)
         try:
             final = trainer.train()
         finally:
@@ -84,6 +95,13 @@ def main() -> int:
         dist.barrier()  # the launcher kills the other ranks once one exits non-zero
         dist.destroy_process_group()
         return 3
+    except DataStalled as e:  # this rank alone: the others wait for it in a collective
+        line = f"[rank {dist.get_rank()}] {e}"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        if heartbeat is not None:
+            heartbeat.abort(5, line)  # every other rank's heartbeat ends its process
+        _end_now(5)
     except Exception as e:
         if heartbeat is None or not is_comm_failure(e):
             raise
@@ -103,31 +121,33 @@ def main() -> int:
 
 def _lost(heartbeat: Any, e: BaseException, ckpt_root: str) -> NoReturn:
     """A collective failed: one line from one surviving rank, then exit 4 at once (the
-    process group cannot be torn down cleanly with a peer gone)."""
+    process group cannot be torn down cleanly with a peer gone); the ranks that did not
+    come end through the abort record (a stuck one after printing where it is)."""
     from dissect_dist import checkpoint
 
     verdict = heartbeat.diagnose()
     if verdict.report:
-        rank = heartbeat.rank
-        if verdict.lost is None:
-            who = ("rank 0's host is unreachable (the rendezvous store at "
-                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})")
-        elif verdict.lost:
-            who = f"lost rank(s) {', '.join(map(str, verdict.lost))} (no heartbeat)"
-        else:
-            who = "every rank still has a heartbeat: one is alive but did not join"
         try:
             tag = checkpoint.latest(ckpt_root)
             last = f"{ckpt_root}/{tag}" if tag else "none (a resume starts from scratch)"
         except Exception as err:  # noqa: BLE001 - the line must still be printed
             last = f"unknown ({err})"
         reason = " ".join(str(e).split())[:200]
-        sys.stderr.write(f"[rank {rank}] collective failed: {who}; last committed "
-                         f"checkpoint: {last}; restart every host with --resume latest "
-                         f"(cause: {reason})\n")
+        line = (f"[rank {heartbeat.rank}] collective failed: {verdict.who()}; last committed "
+                f"checkpoint: {last}; restart every host with --resume latest "
+                f"(cause: {reason})")
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        heartbeat.abort(4, line, stuck=[s.rank for s in verdict.stuck])
+    _end_now(4)
+
+
+def _end_now(status: int) -> NoReturn:
+    """End this rank at once with `status` (from any thread: its main thread may be
+    blocked in a collective or a read that will not return)."""
+    sys.stderr.flush()
     _release_cpu_comm_workspace()
-    os._exit(4)
+    os._exit(status)
 
 
 if __name__ == "__main__":

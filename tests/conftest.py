@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import procs
 from tests.rank_pool import RankPool
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -24,6 +25,13 @@ class Pools:
     def close(self) -> None:
         for p in self._pools.values():
             p.close()
+
+
+@pytest.fixture(autouse=True)
+def _kill_started_processes() -> Iterator[None]:
+    """No process a test started outlives it (tests/procs.py)."""
+    yield
+    procs.kill_all()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 from benchmarks import common
 from benchmarks import nc_runner as nc
 from dissect_dist.config import load_config
+from tests import procs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,8 +215,8 @@ def test_gpu_smoke_dry_runs_on_the_cpu(tmp_path):
            "--model", "tiny-vit-28", "--steps", "6", "--log-every", "2", "--batch-size", "16",
            "--samples", "256", "--workers", "1", "--profile-at", "3", "--out", str(out),
            "--runs", "full", "dissect_momentum", "dissect_momentum+device"]
-    r = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rc, output = procs.run(cmd, 600)
+    assert rc == 0, output[-3000:]
     res = json.loads((out / "gpu_smoke.json").read_text())
     assert res["dry_run"] is True
     assert [x["strategy"] for x in res["runs"]] == ["full", "dissect_momentum",

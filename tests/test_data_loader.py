@@ -174,8 +174,11 @@ def test_shards_behind_an_fsspec_url_load_like_local_ones(clean):
         urls.append(dst)
     remote = Manifest(tuple(urls), clean.counts)
     assert Manifest.from_tars(urls).counts.tolist() == SIZES
-    # forked workers inherit the in-memory filesystem
-    assert _ids(_loader(remote, workers=2)) == _ids(_loader(clean, workers=0))
+    # memory:// lives in this process only (workers are fresh processes): read in-process
+    assert _ids(_loader(remote, workers=0)) == _ids(_loader(clean, workers=0))
+    # a URL that worker processes open themselves
+    by_url = Manifest(tuple(f"file://{u}" for u in clean.urls), clean.counts)
+    assert _ids(_loader(by_url, workers=2)) == _ids(_loader(clean, workers=0))
 
 
 def test_random_augmentation_is_a_function_of_the_sample_not_the_worker(clean):

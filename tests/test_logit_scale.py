@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.rank_pool import free_port
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -25,11 +25,10 @@ DS = str(Path(sys.executable).parent / "deepspeed")
 @pytest.fixture(scope="module")
 def runs() -> dict[tuple[str, int], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([DS, "--num_gpus", "2", "--master_port", str(free_port()),
-                          str(REPO / "tests" / "scripts" / "logit_clamp.py")],
-                         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    rows = [json.loads(ln.split("RESULT ", 1)[1]) for ln in out.stdout.splitlines()
+    rc, out = procs.run([DS, "--num_gpus", "2", "--master_port", str(free_port()),
+                         str(REPO / "tests" / "scripts" / "logit_clamp.py")], 300, env=env)
+    assert rc == 0, out[-4000:]
+    rows = [json.loads(ln.split("RESULT ", 1)[1]) for ln in out.splitlines()
             if "RESULT " in ln]
     return {(r["precision"], r["zero"]): r for r in rows}
 

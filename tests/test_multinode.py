@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ import torch
 from dissect_dist import checkpoint
 from store import ScoreStore
 from store.persist import step_name
-from tests import netns
+from tests import netns, procs
+from tests.test_no_hang import _left_running, _tree
 from tests.test_trainer import fmnist  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.multinode, pytest.mark.multirank, pytest.mark.slow]
@@ -78,29 +78,31 @@ def _env(host: netns.Host) -> dict[str, str]:
 
 
 class Cluster:
-    """One launcher per host, all started at once; their output in log files."""
+    """One launcher per host, all started at once (bounded: tests/procs.py)."""
 
     def __init__(self, hosts: Sequence[netns.Host], args: list[str], logs: Path,
-                 slots: int = 2) -> None:
+                 slots: int = 2, env: dict[str, str] | None = None) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         hostfile = logs / "hostfile"
         hostfile.write_text("".join(f"{h.addr} slots={slots}\n" for h in hosts))
         port = str(next(_ports))
         self.logs = [logs / f"host{i + 1}.log" for i in range(len(hosts))]
-        self.procs = []
+        self.launchers = []
         for i, h in enumerate(hosts):
             cmd = h.cmd([DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
                          "--master_addr", hosts[0].addr, "--master_port", port, *args])
-            with open(self.logs[i], "w") as log:
-                self.procs.append(subprocess.Popen(
-                    cmd, env=_env(h), cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True))
+            self.launchers.append(procs.start(cmd, env={**_env(h), **(env or {})}))
+        self.procs = [b.proc for b in self.launchers]  # each host's launcher process
 
     def wait(self, timeout: float = 300) -> list[int]:
-        return [p.wait(timeout=timeout) for p in self.procs]
+        """Each launcher's exit status; its output is then in logs/host{i}.log."""
+        rcs = [procs.finish(b, timeout)[0] for b in self.launchers]
+        for log, b in zip(self.logs, self.launchers):
+            log.write_text(b.output())
+        return rcs
 
     def out(self, i: int) -> str:
-        return self.logs[i].read_text()
+        return self.launchers[i].output()
 
 
 def _run(hosts: Sequence[netns.Host], args: list[str], logs: Path) -> None:
@@ -223,6 +225,37 @@ def _exit_times(c: Cluster, t0: float, timeout: float) -> list[float]:
         assert time.time() - t0 < timeout, f"still running after {timeout} s"
         time.sleep(0.05)
     return [t for t in took if t is not None]
+
+
+def test_a_rank_stuck_on_the_other_host_is_named_and_every_host_ends(hosts, data, tmp_path):
+    """Rank 2 (host 2) blocks for good while reading its batch for step 4, its heartbeat
+    still beating. Host 1's rank 0 prints the one line naming rank 2, its last step and
+    phase; rank 2 prints where its main thread is; both hosts' launchers exit within the
+    collective timeout + 20 s of the stall, and nothing of the job keeps running."""
+    run = tmp_path / "stuck"
+    args = _args(data, run, "train.max_steps=12")
+    args[0] = str(REPO / "tests" / "scripts" / "stall_train.py")
+    c = Cluster(hosts, args, run / "logs",
+                env={"STALL_RANK": "2", "STALL_AT_READ": str(3 * 16 + 5)})
+    pids: set[int] = set()
+    t0 = time.time()
+    while not all(p.poll() is not None for p in c.procs):
+        for b in c.launchers:
+            pids |= _tree(b)
+        assert time.time() - t0 < 300, "still running after 300 s:\n" + c.out(0)[-3000:]
+        time.sleep(0.2)
+    ended = time.time()
+    out = c.out(0) + c.out(1)
+    stalled = re.search(r"^\[rank 2\] stalling on purpose at (\d+\.\d+)$", out, re.M)
+    assert stalled and all(p.returncode != 0 for p in c.procs), out[-5000:]
+    lines = re.findall(r"^\[rank 0\] collective failed: rank 2 made no progress for \d+ s, "
+                       r"last in data loading at step 3; last committed checkpoint: "
+                       rf"{re.escape(str(run))}/checkpoints/step-000000010;", out, re.M)
+    assert len(lines) == 1, out[-5000:]
+    assert "[rank 2] stopped by rank 0, which found this rank stuck in data loading at step 3" \
+        in c.out(1), c.out(1)[-3000:]
+    assert ended - float(stalled.group(1)) < TIMEOUT_S + 20
+    assert not _left_running(pids)
 
 
 def _cut(host: netns.Host, seconds: float) -> None:

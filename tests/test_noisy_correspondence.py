@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from benchmarks import nc_report
 from benchmarks import nc_runner as nc
+from tests import procs
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -24,13 +24,12 @@ SCRIPT = REPO / "benchmarks" / "noisy_correspondence.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def _bench(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+def _bench(tmp: Path, *args: str) -> str:
     cmd = [sys.executable, str(SCRIPT), *(args or ["--quick"]), "--out", str(tmp / "nc.json"),
            "--data", str(tmp / "data"), "--runs", str(tmp / "runs")]
-    r = subprocess.run(cmd, env=ENV, cwd=str(REPO), capture_output=True, text=True,
-                       timeout=540)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    rc, out = procs.run(cmd, 540, env=ENV)
+    assert rc == 0, out[-6000:]
+    return out
 
 
 @pytest.mark.timeout(900)
@@ -67,7 +66,7 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
         evals = [x for x in rows if x["kind"] == "eval"]
         assert [x["step"] for x in evals] == [8, 16], key
         assert all(x["eval_s"] > 0 for x in evals), key
-    assert "| dissect_momentum | 1 |" in r.stdout
+    assert "| dissect_momentum | 1 |" in r
     for what in ("accuracy_vs_samples", "diagnostic", "delta_hist", "kept_precision"):
         png = tmp_path / "nc" / f"quick_{what}.png"
         assert png.stat().st_size > 5000, png
@@ -136,7 +135,7 @@ def test_pool_regime_trains_as_many_rows_per_step_whatever_the_strategy(tmp_path
     # warm-up epoch keeps a random r (no key, no δ AUROC); after it, δ ranks.
     assert [x is None for x in dw["delta_auroc"]] == [True] * 4 + [False] * 4
     assert [x is None for x in tw["delta_auroc"]] == [True] * 2 + [False] * 6
-    assert "| dissect_warmup | 1 |" in r.stdout and "| 1024 | 3424 / 3424 |" in r.stdout
+    assert "| dissect_warmup | 1 |" in r and "| 1024 | 3424 / 3424 |" in r
     run_dir = tmp_path / "runs" / dw["key"].replace("/", "__")
     ranks = [[json.loads(x) for x in (run_dir / f"samples-rank{k}.jsonl").read_text().splitlines()]
              for k in (0, 1)]

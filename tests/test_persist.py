@@ -56,7 +56,8 @@ def test_newest_committed_snapshot_is_loaded_unless_a_step_is_named(tmp_path: Pa
 
 
 def test_a_save_killed_before_its_commit_is_never_loaded(tmp_path: Path) -> None:
-    r = subprocess.run([*SAVER, str(tmp_path), "torn"], env=ENV, capture_output=True)
+    r = subprocess.run([*SAVER, str(tmp_path), "torn"], env=ENV, capture_output=True,
+                       timeout=120)  # one process, no children: killed at the timeout
     assert r.returncode == -9, r.stderr.decode()[-2000:]
     # step 2 is listed: its shards exist
     assert SnapshotLocation(str(tmp_path)).steps() == [(1, True), (2, False)]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from store import ScoreStore
+from tests import procs
 from tests.rank_pool import free_port
 from tests.store_model import (
     gather_dense,
@@ -105,10 +105,8 @@ def test_torchrun_launched_ranks_save_and_reload_with_another_world(tmp_path) ->
     script = os.path.join(REPO, "tests", "scripts", "store_ranks.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     for nproc, mode in ((3, "save"), (2, "verify")):
-        r = subprocess.run(
+        rc, out = procs.run(
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-             f"--master_port={free_port()}", script, mode, str(tmp_path)],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "verified" in r.stdout
+             f"--master_port={free_port()}", script, mode, str(tmp_path)], 300, env=env)
+        assert rc == 0, out[-6000:]
+    assert "verified" in out

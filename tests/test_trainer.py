@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,9 @@ import torch
 
 from dissect_dist.data import Manifest
 from dissect_dist.data.builders import build_fashion_mnist
+from dissect_dist.launching import Bounded
 from store import ScoreStore
+from tests import procs
 from tests.rank_pool import free_port
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -48,17 +49,14 @@ def _args(data: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _launch(args: list[str], nproc: int = 2, script: Path = REPO / "launch" / "train.py",
-            env: dict[str, str] | None = None) -> subprocess.Popen:
+            env: dict[str, str] | None = None) -> Bounded:
     cmd = [DS, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
-    return subprocess.Popen(cmd, env={**ENV, **(env or {})}, cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return procs.start(cmd, env={**ENV, **(env or {})})
 
 
 def _run(args: list[str], nproc: int = 2, timeout: int = 400) -> str:
-    p = _launch(args, nproc)
-    out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out[-5000:]
+    rc, out = procs.finish(_launch(args, nproc), timeout)
+    assert rc == 0, out[-5000:]
     return out
 
 
@@ -157,10 +155,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(fmnist, uninterrupted, t
         if when == "between_checkpoints" and samples.exists() and \
                 len(samples.read_text().splitlines()) >= 10:
             break
-        assert p.poll() is None, p.stdout.read()[-3000:]
+        assert p.proc.poll() is None, p.output()[-3000:]
         time.sleep(0.005)
-    os.killpg(p.pid, signal.SIGKILL)  # kill -9 the launcher and both ranks
-    p.communicate()
+    p.kill()  # kill -9 the launcher and both ranks
     latest = (ckpt / "latest").read_text()
     if not (tag8 / "COMPLETE").exists():
         assert latest == "step-000000004"  # a torn checkpoint is never "latest"
@@ -183,8 +180,8 @@ def test_resume_mid_epoch_with_another_world_size_is_refused(fmnist, tmp_path):
     common = ["train.max_steps=3", "train.checkpoint_every=3"]
     _run(_args(fmnist, tmp_path, *common))
     p = _launch(_args(fmnist, tmp_path, "train.max_steps=5") + ["--resume", "latest"], nproc=1)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode != 0
+    rc, out = procs.finish(p, 300)
+    assert rc != 0
     assert "mid-epoch" in out and "resume with the same values" in out
 
 
@@ -204,17 +201,15 @@ def test_two_node_launch_with_no_ssh_trains_and_checkpoints(fmnist, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port = free_port()
-    procs = []
+    nodes = []
     for node in (0, 1):
         cmd = [DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(REPO / "launch" / "train.py"),
                *_args(fmnist, tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2")]
-        procs.append(subprocess.Popen(cmd, env=ENV, cwd=str(REPO), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+        nodes.append(procs.start(cmd, env=ENV))
+    done = [procs.finish(p, 400) for p in nodes]
+    assert [rc for rc, _ in done] == [0, 0], "\n".join(o[-3000:] for _, o in done)
     run = tmp_path / "run"
     info = json.loads((run / "checkpoints" / "step-000000004" / "run.json").read_text())
     assert info["world_size"] == 2
@@ -252,15 +247,8 @@ def _tmpfs(path: Path, mib: int) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
-def _run_to_exit(p: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out = p.communicate()[0]
-        pytest.fail(f"ranks still running {timeout} s after start (stuck in a collective?):\n"
-                    + out[-3000:])
-    return p.returncode, out
+def _run_to_exit(p: Bounded, timeout: int = 300) -> tuple[int, str]:
+    return procs.finish(p, timeout)
 
 
 # A checkpoint of this run (tiny-vit-28, fp32, AdamW) takes 41 MB.

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import io
 import logging
+import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -42,6 +43,13 @@ RETRY_REASON = "full_size_retry"
 DEVICE_RETRY_REASON = "device_decode_retry"
 _RETRIES_LOGGED = 20  # per retry reason and loader; later ones are counted only
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError)
+# A cold read of a shard from object storage (the tar's headers, then its first samples)
+# takes seconds to a few minutes; a worker silent for longer is stuck.
+DEFAULT_WORKER_TIMEOUT_S = 300.0
+
+
+class DataStalled(RuntimeError):
+    """A data worker produced no batch within the loader's worker_timeout_s."""
 
 
 @dataclasses.dataclass
@@ -356,30 +364,41 @@ def prepare_planned(members: dict[str, bytes], plan: ImagePlan
     return None if job is None else (data, job, caption)
 
 
-class _EpochStream(IterableDataset):  # type: ignore[type-arg]
-    """What each DataLoader worker runs: its share of one rank's remaining batches."""
+class _Stream(IterableDataset):  # type: ignore[type-arg]
+    """What each DataLoader worker runs: its share of the rank's remaining batches of the
+    epoch that `shared` names. Workers persist across epochs (see WebDatasetLoader): the
+    loader writes (epoch, cursor) into shared memory before each epoch, and each worker
+    reads them when the epoch's iteration starts there. Each worker also writes what it
+    is reading (batch, shard, position) so that a stalled one can be named."""
 
-    def __init__(self, manifest: Manifest, spec: OrderSpec, epoch: int, rank: int,
-                 cursor: int, preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
+    def __init__(self, manifest: Manifest, spec: OrderSpec, rank: int,
+                 preprocess: Callable[[Any], torch.Tensor] | ImagePlan,
                  tokenizer: Callable[[list[str]], Any] | None,
-                 storage_options: dict[str, Any] | None,
+                 storage_options: dict[str, Any] | None, shared: torch.Tensor,
                  tokens: TokenCache | None = None, device_decode: bool = False) -> None:
-        self.manifest, self.spec, self.epoch, self.rank = manifest, spec, epoch, rank
-        self.cursor, self.preprocess, self.tokenizer = cursor, preprocess, tokenizer
+        self.manifest, self.spec, self.rank = manifest, spec, rank
+        self.preprocess, self.tokenizer = preprocess, tokenizer
         self.opts, self.tokens, self.device_decode = storage_options, tokens, device_decode
+        # int64, shared memory: [epoch, cursor, then (batch, shard, position) per worker]
+        self.shared = shared
+        self._reading: np.ndarray | None = None  # this worker's row, as numpy
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         k, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        batches = rank_batches(self.manifest.counts, self.spec, self.epoch, self.rank)
+        epoch, cursor = (int(x) for x in self.shared[:2].tolist())
+        self._reading = self.shared[2:].view(-1, 3)[k].numpy()
+        self._reading[:] = -1
+        batches = rank_batches(self.manifest.counts, self.spec, epoch, self.rank)
         reader = ShardReader(self.manifest, self.opts)
         try:
-            for j in worker_batches(batches.shape[0], self.cursor, k, n_workers):
-                yield self._make(j, batches[j], reader)
+            for j in worker_batches(batches.shape[0], cursor, k, n_workers):
+                yield self._make(epoch, j, batches[j], reader)
         finally:
             reader.close()
 
-    def _make(self, j: int, ids: np.ndarray, reader: ShardReader) -> dict[str, Any]:
+    def _make(self, epoch: int, j: int, ids: np.ndarray, reader: ShardReader
+              ) -> dict[str, Any]:
         shards, positions = self.manifest.locate(ids)
         plan = self.preprocess if isinstance(self.preprocess, ImagePlan) else None
         in_worker = get_worker_info() is not None
@@ -395,7 +414,10 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
         jobs: list[tuple[int, ...]] = []
         host_rows: list[int] = []
         offset = 0
+        reading = self._reading
+        assert reading is not None
         for sid, shard, pos in zip(ids.tolist(), shards.tolist(), positions.tolist()):
+            reading[0], reading[1], reading[2] = j, shard, pos
             key, got = reader.read(shard, pos)
             if isinstance(got, str):
                 skipped.append((got, self.manifest.urls[shard], key or f"#{pos}"))
@@ -405,7 +427,7 @@ class _EpochStream(IterableDataset):  # type: ignore[type-arg]
             # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding,
             # whose stack capture costs more than a reduced-size decode.
             torch.default_generator.manual_seed(
-                (self.spec.seed * 1_000_003 + self.epoch) * 2_147_483_647 + sid)
+                (self.spec.seed * 1_000_003 + epoch) * 2_147_483_647 + sid)
             res: tuple[Any, ...] | str | None = None
             if plan is not None and self.device_decode:
                 res = prepare_planned(got, plan)
@@ -478,11 +500,14 @@ class WebDatasetLoader:
                  tokenizer: Callable[[list[str]], Any] | None = None, num_workers: int = 2,
                  shuffle_window: int = 4, storage_options: dict[str, Any] | None = None,
                  pin_memory: bool = False, token_cache: str | None = None,
-                 decode: Literal["workers", "device"] = "workers") -> None:
+                 decode: Literal["workers", "device"] = "workers",
+                 worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers}: need >= 0")
+        if worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s={worker_timeout_s}: need > 0")
         self.manifest = manifest
         self.rank = rank
         self.spec = OrderSpec(seed=seed, world_size=world_size, batch_size=batch_size,
@@ -508,6 +533,9 @@ class WebDatasetLoader:
         # takes them) on the training device, by Batch.images_on.
         self.decode = decode
         self.num_workers = num_workers
+        # How long the rank waits for its next batch from a worker before it stops with
+        # DataStalled (a shard read that never returns must not hang the run).
+        self.worker_timeout_s = worker_timeout_s
         self.pin_memory = pin_memory  # page-locked batches, for asynchronous copies to a GPU
         self.opts = storage_options
         self.epoch = 0
@@ -520,6 +548,13 @@ class WebDatasetLoader:
                 f"{manifest.total} samples cannot fill one global batch of "
                 f"{world_size} x {batch_size}: lower batch_size or add data"
             )
+        # [epoch, cursor, (batch, shard, position) being read by each worker]; in shared
+        # memory, read by the workers (see _Stream).
+        self._shared = torch.full((2 + 3 * max(num_workers, 1),), -1, dtype=torch.int64)
+        if num_workers:
+            self._shared.share_memory_()  # type: ignore[no-untyped-call]
+            _start_fork_server(preprocess, tokenizer)  # its imports overlap the caller's setup
+        self._loader: DataLoader[Any] | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -528,13 +563,18 @@ class WebDatasetLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.cursor >= len(self):
             self.epoch, self.cursor = self.epoch + 1, 0
-        stream = _EpochStream(self.manifest, self.spec, self.epoch, self.rank, self.cursor,
-                              self.preprocess, self.tokenizer, self.opts, self.tokens,
-                              device_decode=self.decode == "device")
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_identity, pin_memory=self.pin_memory,
-                            worker_init_fn=_worker_init if self.num_workers else None)
-        for item in loader:
+        self._shared[0], self._shared[1] = self.epoch, self.cursor  # before the workers read it
+        start = self.cursor
+        batches = iter(self._data_loader())  # persistent workers: begin this epoch
+        while True:
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise DataStalled(self._stall_message(start)) from None
             if item["index"] != self.cursor:  # the order contract, checked on every batch
                 raise RuntimeError(f"loader produced batch {item['index']}, expected {self.cursor}")
             self._account(item["skipped"])
@@ -544,6 +584,54 @@ class WebDatasetLoader:
             yield Batch(item["index"], ids, item["images"], texts, item["captions"], self.plan,
                         encoded=item.get("encoded"), jobs=item.get("jobs"),
                         host_rows=item.get("host_rows"), account=self._account)
+
+    def _data_loader(self) -> DataLoader[Any]:
+        """One DataLoader for the loader's life. Its workers are started once, from the fork
+        server, and kept across epochs: a trainer runs threads (gloo's, the heartbeat, the
+        metric writers) by the time it loads data, and forking a process that runs threads
+        can deadlock the child inside fork() (a lock another thread held, e.g. CPython's
+        thread-state list, is never released there). Measured on the 28-px demo data and
+        the photo set (benchmarks/loader_throughput.py, epoch-start columns): persistent
+        workers also start each epoch sooner than workers forked anew per epoch; a fresh
+        fork-server worker per epoch would pay the unpickling of the tokenizer and the
+        worker's setup every epoch (seconds)."""
+        if self._loader is None:
+            stream = _Stream(self.manifest, self.spec, self.rank, self.preprocess,
+                             self.tokenizer, self.opts, self._shared, self.tokens,
+                             device_decode=self.decode == "device")
+            workers: dict[str, Any] = {}
+            if self.num_workers:
+                workers = {"multiprocessing_context": _fork_server(),
+                           "persistent_workers": True, "timeout": self.worker_timeout_s,
+                           "worker_init_fn": _worker_init}
+            self._loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                      collate_fn=_identity, pin_memory=self.pin_memory,
+                                      **workers)
+        return self._loader
+
+    def _stall_message(self, start: int) -> str:
+        """Which worker the rank waited for (batch `cursor` is worker (cursor - start) % K's,
+        see worker_batches) and what that worker was reading."""
+        k = (self.cursor - start) % self.num_workers
+        batch, shard, pos = (int(x) for x in self._shared[2:].view(-1, 3)[k].tolist())
+        if shard < 0:
+            where = "it had not read a sample of this epoch yet"
+        else:
+            where = (f"it was reading sample {pos} of {self.manifest.urls[shard]} for batch "
+                     f"{batch}")
+        return (f"rank {self.rank}: data worker {k} of {self.num_workers} produced no batch in "
+                f"{self.worker_timeout_s:g} s (data.worker_timeout_s; waiting for batch "
+                f"{self.cursor} of epoch {self.epoch}): {where}. Check that this shard can be "
+                "read from here (storage, network, credentials), or raise "
+                "data.worker_timeout_s if a cold read takes longer; then restart with "
+                "--resume latest")
+
+    def close(self) -> None:
+        """Stop the data workers (they are kept across epochs until then)."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
 
     def _account(self, skipped: list[tuple[str, str, str]]) -> None:
         for reason, shard, key in skipped:
@@ -611,6 +699,25 @@ class WebDatasetLoader:
 # milliseconds per batch of latency (the first batch after a start or a resume waits for
 # it). 0.2 ms hands the GIL over sooner.
 _WORKER_SWITCH_INTERVAL_S = 2e-4
+
+
+def _fork_server() -> Any:
+    return multiprocessing.get_context("forkserver")
+
+
+def _start_fork_server(preprocess: Any, tokenizer: Any) -> None:
+    """Start this process's fork server now (a fresh interpreter, started by fork + exec,
+    which is safe with threads), with what a worker imports already imported: its imports
+    then overlap the caller's setup, and each worker it forks starts warm. The preload list
+    counts only before the server first starts (one per process)."""
+    from multiprocessing import forkserver
+
+    mods = ["numpy", "torch", "PIL.Image", "fsspec", __name__]
+    mods += [type(x).__module__ for x in (preprocess, tokenizer)
+             if x is not None and type(x).__module__ not in ("builtins", "__main__")]
+    ctx = _fork_server()
+    ctx.set_forkserver_preload(list(dict.fromkeys(mods)))
+    forkserver.ensure_running()
 
 
 def _worker_init(_: int) -> None:
