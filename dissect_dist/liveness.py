@@ -17,7 +17,7 @@ intervals, and sorts the others into
     host is gone);
   - stuck: their beat moves but they never reached the failed collective; the line
     names each with its last step and phase and how long it made no progress there.
-The lowest surviving rank prints one line and posts an abort record in the store; every
+The lowest survivor prints one line and posts an abort record in the store; every
 rank's heartbeat thread that sees the record ends its process with the record's status
 (a stuck rank first prints where its main thread is), so no process of the job is left
 running, on any host. A rank that knows why it cannot go on (a data worker stalled)
@@ -219,8 +219,8 @@ class Heartbeat:
                 if beats(after[r]) == beats(before[r]) and not marked[r]]
         stuck = [s for r, s in enumerate(after)
                  if s is not None and r not in lost and not marked[r]]
-        alive = [r for r in range(self.world) if r not in lost]
-        return Verdict(lost, stuck, report=bool(alive) and self.rank == min(alive))
+        survivors = [r for r in range(self.world) if marked[r]]  # self among them
+        return Verdict(lost, stuck, report=self.rank == min(survivors))
 
     def abort(self, status: int, line: str, stuck: list[int] | None = None) -> bool:
         """Post the abort record (the first one posted stands): every other rank's

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,6 +140,10 @@ def _lost(heartbeat: Any, e: BaseException, ckpt_root: str) -> NoReturn:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
         heartbeat.abort(4, line, stuck=[s.rank for s in verdict.stuck])
+    # A survivor's exit makes its launcher kill the host's other ranks: first give a stuck
+    # rank's heartbeat (one beat per interval) the time to see the record and say where
+    # it is; it then ends itself.
+    time.sleep(2.5 * heartbeat.interval_s)
     _end_now(4)
 
 

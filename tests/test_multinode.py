@@ -246,12 +246,12 @@ def test_a_rank_stuck_on_the_other_host_is_named_and_every_host_ends(hosts, data
         time.sleep(0.2)
     ended = time.time()
     out = c.out(0) + c.out(1)
-    stalled = re.search(r"^\[rank 2\] stalling on purpose at (\d+\.\d+)$", out, re.M)
+    stalled = re.search(r"\[rank 2\] stalling on purpose at (\d+\.\d+)$", out, re.M)
     assert stalled and all(p.returncode != 0 for p in c.procs), out[-5000:]
-    lines = re.findall(r"^\[rank 0\] collective failed: rank 2 made no progress for \d+ s, "
-                       r"last in data loading at step 3; last committed checkpoint: "
-                       rf"{re.escape(str(run))}/checkpoints/step-000000010;", out, re.M)
-    assert len(lines) == 1, out[-5000:]
+    lines = re.findall(r"\[rank 0\] collective failed: rank 2 made no progress for \d+ s, "
+                       r"last in data loading at step 3; last committed checkpoint: none "
+                       r"\(a resume starts from scratch\);", out, re.M)
+    assert len(lines) == 1, c.out(0)[-4000:]
     assert "[rank 2] stopped by rank 0, which found this rank stuck in data loading at step 3" \
         in c.out(1), c.out(1)[-3000:]
     assert ended - float(stalled.group(1)) < TIMEOUT_S + 20
