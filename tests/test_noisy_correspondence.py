@@ -73,7 +73,7 @@ def test_quick_grid_runs_reports_and_resumes(tmp_path: Path):
     # a second invocation keeps the finished runs and trains nothing
     before = (tmp_path / "nc.json").read_text()
     r2 = _bench(tmp_path)
-    assert "3 finished runs kept" in r2.stdout and "0 to run" in r2.stdout
+    assert "3 finished runs kept" in r2 and "0 to run" in r2
     assert (tmp_path / "nc.json").read_text() == before
 
 
