@@ -9,7 +9,10 @@ Times (median of --iters after --warmup) for each variant of the scoring forward
 trainer could use (eval or train mode; `no_grad` or `inference_mode`; SDPA attention, the
 default, or open_clip's stock attention with and without MHA's fast path; compiled, with
 the first call's compile time reported apart), each tower alone, and the training
-forward + backward of the whole batch and of r*B rows. Inputs are random
+forward + backward of the whole batch and of r*B rows; then (--engine-zero) the same
+scoring, forward + backward and optimizer step on the module as deepspeed.initialize returns
+it, before and after parameters were aligned, beside the fresh model, alternating
+(engine_layout.compare: a layout effect shows as a ratio over the fresh model). Inputs are random
 images and real tokenised captions; nothing here depends on the data. Writes
 benchmarks/results/scoring_forward_<device>.json.
 """
@@ -32,9 +35,10 @@ from dissect_dist.data.builders import FASHION_CLASSES, FASHION_TEMPLATES
 from dissect_dist.loss import clip_loss
 
 if __package__:
-    from benchmarks import common
+    from benchmarks import common, engine_layout
 else:  # run as a file: python benchmarks/scoring_forward.py
     import common  # type: ignore[no-redef]
+    import engine_layout  # type: ignore[no-redef]
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -62,6 +66,10 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--engine-zero", type=int, default=1, choices=[-1, 0, 1, 2],
+                   help="also time the module as deepspeed.initialize returns it, before and "
+                   "after parameters were aligned, beside the fresh model (the ZeRO stage; -1: "
+                   "skip); see engine_layout.py")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.manual_seed(0)
@@ -145,11 +153,16 @@ def main() -> None:
     print(f"scoring / full fwd+bwd: {ratios['score_eval_no_grad (trainer)']:.2f}  "
           f"train on {a.ratio}B / full: {ratios[f'train_fwd_bwd_{a.ratio}B']:.2f}  "
           f"score + train kept (no optimizer, no exchange) / full: {step / full:.2f}")
+    engine = None
+    if a.engine_zero >= 0:  # the same work on the module inside the engine, alternating
+        engine = engine_layout.compare(a.model, a.batch, a.dtype, a.engine_zero,
+                                       device=device.type, warmup=a.warmup, iters=a.iters)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     res = {"model": a.model, "batch": a.batch, "ratio": a.ratio, "threads": a.threads,
            "dtype": a.dtype, "device": dev, "torch": torch.__version__, "ms": ms,
            "compiled_scoring_first_call_s": compile_s,
-           "ratio_to_full_fwd_bwd": ratios, "score_plus_train_kept_over_full": step / full}
+           "ratio_to_full_fwd_bwd": ratios, "score_plus_train_kept_over_full": step / full,
+           "engine_layout": engine}
     out = Path(a.out) if a.out else common.RESULTS / f"scoring_forward_{device.type}.json"
     common.write_json(out, {**res, "machine": common.machine_info()}, indent=1)
     print(f"wrote {out}")

@@ -15,6 +15,10 @@ machine a worker per rank would decode the next batch on the cores the 2 ranks a
 computing on, and its time would land in whichever phase runs then (on a GPU node the
 workers have cores of their own). `--workers 1` measures that oversubscribed case; the
 samples/s column includes the decoding either way.
+
+Then (--engine-zero) each setup's scoring pass, forward + backward and optimizer step on a
+fresh model and on the module inside a DeepSpeed engine, one process with both cores and the
+global batch (engine_layout.compare): the layout effect the launched runs cannot separate.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import sys
 from pathlib import Path
 
 if __package__:
-    from benchmarks import common
+    from benchmarks import common, engine_layout
 else:  # run as a file: python benchmarks/step_overhead.py
     import common  # type: ignore[no-redef]
+    import engine_layout  # type: ignore[no-redef]
 
 REPO = common.REPO
 
@@ -61,6 +66,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=0,
                    help="data workers per rank (default 0: see the module docstring)")
+    p.add_argument("--engine-zero", type=int, default=1, choices=[-1, 0, 1, 2],
+                   help="also time, in this process, each setup's scoring, fwd+bwd and "
+                   "optimizer step on a fresh model and on the module as deepspeed.initialize "
+                   "returns it (before and after parameters were aligned), at this ZeRO stage "
+                   "(-1: skip); see engine_layout.py")
     p.add_argument("--out", default=str(common.RESULTS / "step_overhead.json"))
     a = p.parse_args()
     setups = [(m, int(b)) for m, b in (x.split(":") for x in
@@ -93,8 +103,17 @@ def main() -> None:
             "select_fraction_of_dissect_step": mean["dissect_momentum"]["select"] / dis_step,
             "wait_fraction_of_dissect_step": mean["dissect_momentum"]["wait"] / dis_step,
         })
+    layout = []
+    if a.engine_zero >= 0:  # the module inside the engine vs a fresh one, same process
+        import torch
+
+        torch.set_num_threads(2)
+        for model, batch in setups:
+            layout.append(engine_layout.compare(model, 2 * batch, "fp32", a.engine_zero,
+                                                device="cpu", warmup=2, iters=5))
     machine = common.machine_info()
     res = {
+        "engine_layout": layout,
         "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
         "date": machine["date"], "cpus": machine["cpus"], "machine": machine,
         "steps": a.steps, "repeats": a.repeats, "runs": runs, "setups": results,

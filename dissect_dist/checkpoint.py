@@ -108,6 +108,7 @@ def save(root: str, step: int, engine: Any, store: Any, rank_state: dict[str, An
     final: _Fault | None = None
     if rank == 0:
         info = {**run_info, "step": step, "world_size": dist.get_world_size(),
+                "param_layout": LAYOUT,
                 "saved_unix": time.time(), "bytes_estimate": needed}
         try:
             (out / "run.json").write_text(json.dumps(info, indent=1))
@@ -479,10 +480,54 @@ def saved_world_size(root: str, tag: str) -> int:
     return int(json.loads((Path(root) / tag / "run.json").read_text())["world_size"])
 
 
+# The ZeRO 1/2 flat layout a checkpoint's optimizer state is cut in: 1 = DeepSpeed's
+# default (no padding between parameters, partitions in multiples of 2 elements); 2 =
+# dissect_dist/engine.py's (parameters padded to 16 bytes, partitions in multiples of 8).
+# A checkpoint of another layout is loaded per parameter, through the universal format.
+LAYOUT = 2
+
+
+def saved_layout(root: str, tag: str) -> int:
+    return int(json.loads((Path(root) / tag / "run.json").read_text()).get("param_layout", 1))
+
+
 UNIVERSAL = "universal"  # the tag's optimizer state re-cut for any world size
 
 
-def universal_dir(root: str, tag: str) -> str:
+def per_parameter_reason(root: str, tag: str, zero_stage: int) -> str:
+    """Why the engine state of `tag` must be loaded per parameter (through the universal
+    format) into this world's ZeRO 1/2 engine, or "" when it loads as saved: ZeRO 1/2 cut
+    the optimizer state by flat position, which only matches a checkpoint of the same world
+    size and flat layout."""
+    if zero_stage < 1:
+        return ""
+    if saved_world_size(root, tag) != dist.get_world_size():
+        return "for another world size"
+    if saved_layout(root, tag) != LAYOUT:
+        return "written before parameters were aligned (checkpoint.LAYOUT)"
+    return ""
+
+
+def engine_config(ds_config: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The deepspeed config of an engine that will load a checkpoint for `reason`
+    (per_parameter_reason): DeepSpeed reads the universal format only when told at
+    initialize."""
+    if not reason:
+        return ds_config
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                        "load_universal": True}}
+
+
+def load_engine(engine: Any, root: str, tag: str, reason: str) -> None:
+    """Collective. Load the engine state of `tag`: as saved, or per parameter through the
+    universal format when `reason` (per_parameter_reason) says why."""
+    if reason:
+        engine.load_checkpoint(universal_dir(root, tag, reason), tag=UNIVERSAL)
+    else:
+        engine.load_checkpoint(root, tag=tag)
+
+
+def universal_dir(root: str, tag: str, why: str = "for another world size") -> str:
     """Collective. The tag converted to DeepSpeed's universal checkpoint format, made once
     by rank 0 under <root>/<tag>/universal/ (DONE written last; an interrupted conversion
     is redone). ZeRO 1/2 partition the optimizer state over the saving world and DeepSpeed
@@ -493,7 +538,7 @@ def universal_dir(root: str, tag: str) -> str:
     err = None
     if dist.get_rank() == 0 and not (out / "DONE").exists():
         shutil.rmtree(out, ignore_errors=True)
-        print(f"[train] {tag}: converting the ZeRO optimizer state for another world size "
+        print(f"[train] {tag}: converting the ZeRO optimizer state {why} "
               f"(deepspeed.checkpoint.ds_to_universal -> {out})", flush=True)
         r = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",

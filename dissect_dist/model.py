@@ -179,10 +179,21 @@ def encode_kept(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tenso
     the forward on one dummy row and returns its features sliced to zero rows, so its
     backward reaches every parameter (with zero gradient) and the engine's gradient
     all-reduce matches the other ranks' (open_clip models cannot forward 0 rows)."""
-    if bool(keep.any()):  # CPU-GPU sync point: the forward's shape depends on it
-        return encode(model, images[keep], texts[keep])
-    img, txt = encode(model, dummy[0], dummy[1])
+    rows = keep.nonzero().squeeze(1)  # the one host sync: the forward's shape depends on it
+    if rows.numel():
+        return forward_features(model, images.index_select(0, rows),
+                                texts.index_select(0, rows))
+    img, txt = forward_features(model, dummy[0], dummy[1])
     return img[:0], txt[:0]
+
+
+def forward_features(model: Any, images: torch.Tensor, texts: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features through `model`'s own forward: for a DeepSpeed engine,
+    engine.forward, so that its per-step bookkeeping (the ZeRO optimizer's backward flags,
+    the backward prologue its output hooks run) happens as DeepSpeed expects."""
+    out = model(images, texts)  # open_clip, output_dict=True (see create)
+    return out["image_features"], out["text_features"]
 
 
 def blank_row(preprocess: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype
@@ -232,7 +243,8 @@ def master_copies(engine: Any, param: torch.nn.Parameter) -> list[torch.Tensor]:
             p is param for g in opt.param_groups for p in g["params"]):
         return [param]  # fp32, ZeRO 0: the optimizer steps the module parameter itself
     raise RuntimeError(
-        f"cannot find the optimizer's copy of logit_scale in {type(opt).__name__}: "
+        f"cannot find the optimizer's copy of a {tuple(param.shape)} parameter in "
+        f"{type(opt).__name__}: "
         "supported are fp32 or bf16 with train.zero_stage 0, 1 or 2")
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dissect_dist import checkpoint
+from dissect_dist import engine as enginelib
 from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig
 from dissect_dist.data import Manifest, WebDatasetLoader
@@ -84,21 +85,19 @@ class Trainer:
                            warmup_epochs=s.warmup_epochs, warmup_train=s.warmup_train),
             s.ratio, s.scope, self.rank, self.world, cfg.train.seed,
             max_rows=cfg.data.batch_size, store=self._new_store())
-        # A resume with another world size under ZeRO 1/2 loads the optimizer state through
-        # DeepSpeed's universal checkpoint format (see checkpoint.universal_dir).
+        # A resume with another world size, or of a checkpoint cut in another flat layout
+        # (checkpoint.LAYOUT), under ZeRO 1/2 loads the optimizer state per parameter
+        # through DeepSpeed's universal checkpoint format (see checkpoint.universal_dir).
         self._resume_tag = checkpoint.resolve(self.ckpt_root, resume) if resume else None
         ds_cfg = dict(deepspeed_config or cfg.deepspeed_config())
-        self._universal = self._resume_tag is not None and \
-            checkpoint.saved_world_size(self.ckpt_root, self._resume_tag) != self.world and \
-            int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) >= 1
-        if self._universal:
-            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        self._universal = "" if self._resume_tag is None else checkpoint.per_parameter_reason(
+            self.ckpt_root, self._resume_tag,
+            int(ds_cfg.get("zero_optimization", {}).get("stage", 0)))
+        ds_cfg = checkpoint.engine_config(ds_cfg, self._universal)
         opt = build_optimizer(self.model, cfg.optim)
         sched = build_schedule(opt, cfg.optim, self.progress, lambda: self.progress.total_ref_steps(
             cfg.train, self.manifest.total))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=opt, lr_scheduler=sched,
-            config=ds_cfg)
+        self.engine = enginelib.initialize(self.model, opt, sched, ds_cfg)
         # Input dtype: the weights' (bf16 under DeepSpeed bf16); amp_bf16 keeps fp32 weights
         # and autocasts the forward instead.
         self.dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
@@ -305,11 +304,7 @@ class Trainer:
             self.progress.samples_seen = self.step * st["saved_world_size"] * \
                 self.cfg.data.batch_size
             self.progress.ref_batch = st["saved_world_size"] * self.cfg.data.batch_size
-        if self._universal:
-            self.engine.load_checkpoint(checkpoint.universal_dir(self.ckpt_root, tag),
-                                        tag=checkpoint.UNIVERSAL)
-        else:
-            self.engine.load_checkpoint(self.ckpt_root, tag=tag)
+        checkpoint.load_engine(self.engine, self.ckpt_root, tag, self._universal)
         self.selector.store = ScoreStore.load(f"{self.ckpt_root}/{tag}/scores", self.comm,
                                               n=self.manifest.total, device=self.device)
         if self.rank == 0:

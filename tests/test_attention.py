@@ -187,3 +187,42 @@ def test_compiled_scoring_equals_eager_and_training_forwards_do_not_recompile_it
         (fi * ft).sum().backward()
         scorer(net, images, texts)
     assert counters["stats"]["unique_graphs"] == after_first
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: reading a value
+    (item/bool), nonzero, and indexing or selecting by a boolean mask."""
+
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func._schema.name.split("::")[-1]
+        masks = [a for a in (args[1] if name == "index" and len(args) > 1 else [])
+                 if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        if name in self.SYNCING or masks:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 4])
+def test_encode_kept_reads_the_device_once(rows):
+    """The training forward's shape depends on how many rows are kept: one host read
+    (the kept rows' indices), whatever the count, the dummy-row path included."""
+    torch.manual_seed(0)
+    net, _, _, tok = modellib.create("tiny-vit-28")
+    images, texts = torch.randn(6, 3, 28, 28), tok(CAPTIONS + ["a", "b"])
+    keep = torch.zeros(6, dtype=torch.bool)
+    keep[:rows] = True
+    mode = _HostReads()
+    with mode:
+        fi, ft = modellib.encode_kept(net, images, texts, keep, (images[:1], texts[:1]))
+    assert mode.reads == ["nonzero"], mode.reads
+    assert fi.shape[0] == ft.shape[0] == rows
+    if rows:  # the same features as the kept rows forwarded alone
+        want = modellib.encode(net, images[:rows], texts[:rows])
+        torch.testing.assert_close(fi, want[0])
+        torch.testing.assert_close(ft, want[1])

@@ -235,6 +235,35 @@ def test_gpu_smoke_dry_runs_on_the_cpu(tmp_path):
         assert phases["fwd_bwd"]["top_cpu_ops_inclusive_ms"]
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_engine_layout_dry_runs_on_the_cpu(tmp_path):
+    """The one-command GPU script of the engine's layout, on DeepSpeed's CPU accelerator:
+    the four in-process variants with their misaligned counts and phase times, then the
+    trainer's own full and DISSect steps, profiled."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "engine_layout.py"), "--device", "cpu",
+           "--model", "tiny-vit-28", "--batch", "16", "--warmup", "1", "--iters", "2",
+           "--steps", "6", "--profile-at", "3", "--samples", "256", "--workers", "1",
+           "--out", str(out)]
+    rc, output = procs.run(cmd, 600)
+    assert rc == 0, output[-3000:]
+    res = json.loads((out / "engine_layout.json").read_text())
+    assert res["dry_run"] is True
+    ip = res["in_process"]
+    assert (ip["precision"], ip["zero"]) == ("bf16", 1)
+    assert ip["misaligned"]["engine_before"]["module"] > 10  # the layout before, counted
+    for v in ("engine_checked", "engine_aligned"):
+        assert ip["misaligned"][v]["module"] == 0 and ip["misaligned"][v]["master"] == 0
+    for v in ("fresh", "engine_before", "engine_checked", "engine_aligned"):
+        assert all(ip["ms"][v][k] > 0 for k in ("score", "fwd_bwd", "optim", "step")), v
+    assert [r["strategy"] for r in res["trainer"]] == ["full", "dissect_momentum"]
+    for r in res["trainer"]:
+        assert set(r["profile"]["phases"]) >= {"score", "fwd_bwd", "optim"}
+    assert res["dissect_over_full_step"] > 0
+    assert "| engine_aligned | 0 / 0 of" in output
+
+
 def test_profile_summary_cuts_device_time_by_phase(tmp_path):
     """Device busy time is the union of kernel intervals clipped to each phase."""
     from benchmarks import profile_summary as ps
