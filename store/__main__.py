@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from store.cli import Parser, fail
 from store.persist import CommitRecord, SnapshotError, SnapshotLocation
 
 
@@ -98,7 +99,7 @@ URL_HELP = "the snapshots' root: a local path or an fsspec URL (s3://bucket/run/
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m store", description=__doc__,
+    p = Parser(prog="python -m store", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--storage-options", type=json.loads, default=None,
                    help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         loc = SnapshotLocation(args.url, args.storage_options)
         return cmd_inspect(loc, args) if args.cmd == "inspect" else cmd_export(loc, args)
     except SnapshotError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(p.prog, str(err))
 
 
 if __name__ == "__main__":

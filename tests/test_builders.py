@@ -98,7 +98,7 @@ def test_a_dataset_built_under_a_relative_path_loads_from_anywhere(tmp_path: Pat
     from dissect_dist.data.__main__ import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["folder", "--images", ".", "--captions", "caps.csv", "--out", "rel/out"]) == 1
+    assert main(["folder", "--images", ".", "--captions", "caps.csv", "--out", "rel/out"]) == 2
     from PIL import Image
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")

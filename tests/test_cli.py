@@ -65,5 +65,51 @@ def test_export_top_fraction_by_score_and_by_delta(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path) -> None:
     r = _cli("inspect", str(tmp_path / "missing"))
-    assert r.returncode == 1 and "no committed score-store snapshot" in r.stderr
+    assert r.returncode == 2 and "no committed score-store snapshot" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _top(*args: str, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(exe or [sys.executable, "-m", "dissect_dist"]), *args], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_top_level_command_lists_its_subcommands_and_version() -> None:
+    r = _top("--help")
+    assert r.returncode == 0, r.stderr
+    assert "data" in r.stdout and "store" in r.stdout and "deepspeed launch/train.py" in r.stdout
+    r = _top("--version")
+    assert r.returncode == 0 and r.stdout.strip() == "dissect-dist 0.1.0", (r.stdout, r.stderr)
+    r = _top("store", "--help")  # the subcommand's own help, reached through the top level
+    assert r.returncode == 0 and "inspect" in r.stdout and "export" in r.stdout
+
+
+def test_every_command_exits_2_with_one_line_on_bad_input(tmp_path: Path) -> None:
+    bad = [
+        (),  # no command
+        ("train",),  # not a command: training runs through deepspeed launch/train.py
+        ("data",),  # no data command
+        ("data", "manifest", "--out", str(tmp_path / "m.json")),  # no shard
+        ("data", "manifest", str(tmp_path / "missing-{000..001}.tar"), "--out",
+         str(tmp_path / "m.json")),
+        ("data", "fashion-mnist", "--out", str(tmp_path / "f"), "--noise", "lots"),
+        ("store", "inspect", str(tmp_path / "missing")),
+        ("store", "export", str(tmp_path / "missing")),  # no --out
+    ]
+    for args in bad:
+        r = _top(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (args, r.returncode, r.stderr[-2000:])
+        assert "error:" in lines[0] and "Traceback" not in r.stderr, (args, lines)
+
+
+def test_console_entry_points_are_installed() -> None:
+    """setup.cfg's console_scripts, as `pip install -e .` (.ci/setup) put them beside the
+    interpreter."""
+    bindir = Path(sys.executable).parent
+    for name, word in (("dissect-dist", "store"), ("dissect-data", "manifest"),
+                       ("dissect-store", "inspect")):
+        exe = bindir / name
+        assert exe.exists(), f"{exe} missing: rerun .ci/setup (pip install -e .)"
+        r = _top("--help", exe=[str(exe)])
+        assert r.returncode == 0 and word in r.stdout, (name, r.stderr)

@@ -21,11 +21,13 @@ def _launch_main() -> Callable[[], object]:
 
 
 def _mains() -> dict[str, Callable[[], Callable[[], object]]]:
+    from dissect_dist import __main__ as top_cli
     from dissect_dist import demo
     from dissect_dist.data import __main__ as data_cli
     from store import __main__ as store_cli
 
-    return {"python -m dissect_dist.data": lambda: lambda: data_cli.main([]),
+    return {"python -m dissect_dist": lambda: lambda: top_cli.main([]),
+            "python -m dissect_dist.data": lambda: lambda: data_cli.main([]),
             "python -m store": lambda: lambda: store_cli.main([]),
             "python -m dissect_dist.demo": lambda: demo.main,
             "launch/train.py": _launch_main}

@@ -17,13 +17,14 @@ import argparse
 import json
 import sys
 
+from dissect_dist.cli import Parser, fail
 from dissect_dist.data import builders
 from dissect_dist.data.manifest import Manifest, ManifestError, expand_urls
 from dissect_dist.data.photos import build_photos
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dissect_dist.data", description=__doc__,
+    p = Parser(prog="python -m dissect_dist.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("manifest", help="shard URL -> sample count, for dense sample ids")
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                              caption_key=a.caption_key,
                                              shard_size=a.shard_size)
     except (ManifestError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(p.prog, str(e))
     print(json.dumps(res))
     return 0
 
