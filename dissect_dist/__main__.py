@@ -3,6 +3,7 @@
 commands:
     data     build manifests and data sets (python -m dissect_dist.data --help)
     store    look into score-store snapshots: inspect, export (python -m store --help)
+    report   one PNG and five lines for a run, finished or in progress
 
 Training runs through DeepSpeed's launcher: deepspeed launch/train.py --config CONFIG.yaml
 (README.md, "Train on your shards")."""
@@ -18,9 +19,10 @@ from dissect_dist.cli import Parser, version
 
 def _commands() -> dict[str, Callable[[list[str]], int]]:
     from dissect_dist.data.__main__ import main as data_main
+    from dissect_dist.report import main as report_main
     from store.__main__ import main as store_main
 
-    return {"data": data_main, "store": store_main}
+    return {"data": data_main, "report": report_main, "store": store_main}
 
 
 def main(argv: list[str] | None = None) -> int:

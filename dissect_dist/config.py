@@ -59,10 +59,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class DataConfig:
+    # The training shards' manifest.json (python -m dissect_dist.data manifest): shard URL
+    # -> sample count, which gives every sample its dense id. Required.
     train_manifest: str = ""
     batch_size: int = 64  # per rank, before selection
-    workers: int = 2
-    shuffle_window: int = 4
+    workers: int = 2  # data worker processes per rank (0: decode on the rank's own thread)
+    shuffle_window: int = 4  # shards whose samples are shuffled together (1: within a shard)
     noise_ledger: str | None = None  # ids of corrupted pairs: evaluation only
     zeroshot_dir: str | None = None  # a builder's output dir holding test/ and classes.json
     retrieval_manifest: str | None = None  # held-out pairs for image<->text retrieval
@@ -108,13 +110,23 @@ class DataConfig:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class SelectionConfig:
+    # Which rows a step trains on: dissect_momentum (the paper's delta = hist - curr with a
+    # momentum history), full (every row), random (a uniform r share), and the others of
+    # dissect_dist.selection.REGISTRY.
     strategy: str = "dissect_momentum"
-    ratio: float = 0.3
+    ratio: float = 0.3  # r: the share of each step's global batch that is trained on
+    # global: rank the whole step's batch across ranks (one exchange); local: each rank
+    # ranks its own rows (no exchange; its own random stream, so no resume at another size)
     scope: Literal["global", "local"] = "global"
-    beta: float = 0.9
+    beta: float = 0.9  # the history's momentum: hist <- beta * hist + (1 - beta) * curr
+    # The ranking key of a sample with no history yet: curr ranks it by delta = 0 (ties
+    # at random); zero by 0 - curr, keeping the lowest-scoring pairs, as the reference
+    # code ranks its first epoch against a zero-initialised history.
     first_sight: Literal["curr", "zero"] = "curr"
+    # strategy dissect_warmup: epochs trained on a random r share (or everything) while
+    # scores are recorded, before selection by delta starts
     warmup_epochs: int = 1
-    warmup_train: Literal["random", "full"] = "random"
+    warmup_train: Literal["random", "full"] = "random"  # dissect_warmup: what warm-up trains
     # How the no-grad scoring pass runs. eval: the model in eval mode (BatchNorm normalises
     # with its running statistics, no dropout) under the training precision, so a pair's
     # score does not depend on its batch-mates. reference: as the reference code scores,
@@ -147,13 +159,15 @@ class SelectionConfig:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    lr: float = 1e-3  # AdamW's peak learning rate
+    weight_decay: float = 0.1  # on matrices only (not on biases, norms, scales)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.98  # AdamW's second-moment decay
+    eps: float = 1e-6  # AdamW's epsilon
+    # Linear warm-up over this many reference steps (steps of the saving world's global
+    # batch), then the schedule.
     warmup_steps: int = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine decay to 0 at the run's end
     # Clip the global gradient norm at this value; 0 = no clipping, which also drops the
     # per-step norm and bf16 overflow check under ZeRO 1/2 (deepspeed_config). 1.0 is what
     # every run so far trained with: DeepSpeed clips at 1.0 when its config does not say,
@@ -174,15 +188,17 @@ class OptimConfig:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # passes over the training shards
     max_steps: int | None = None  # stop early (a smoke run); None = epochs * steps/epoch
-    seed: int = 0
-    zero_stage: int = 0
+    seed: int = 0  # model init, sample order, augmentation and random draws
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 (optimizer state) or 2 (+ gradients)
+    # Where the run writes: checkpoints/, metrics.jsonl, tb/ (TensorBoard), tokens/, the
+    # exported open_clip_model.pt.
     run_dir: str = "runs/default"
     checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
     eval_every: int = 0  # steps; 0 = only at the end; -1 = at the end of every epoch
-    log_every: int = 10
+    log_every: int = 10  # steps per metrics.jsonl train row (the last step always logs)
     # write each step's ids, keep mask and ranking key per rank (audits, tests)
     record_samples: bool = False
     # Time each phase of the step (time_<phase>_ms: input = copies to the device,
@@ -204,7 +220,7 @@ class TrainConfig:
     # Profile this launch's steps profile_at .. profile_at + profile_steps - 1 with
     # torch.profiler (0: off): RUN/profile/rank{r}.trace.json and rank{r}.txt.
     profile_at: int = 0
-    profile_steps: int = 3
+    profile_steps: int = 3  # how many steps are profiled from profile_at
 
     def __post_init__(self) -> None:
         _check(self.collective_timeout_s >= 5, "train.collective_timeout_s",

@@ -95,6 +95,7 @@ def test_every_command_exits_2_with_one_line_on_bad_input(tmp_path: Path) -> Non
         ("data", "fashion-mnist", "--out", str(tmp_path / "f"), "--noise", "lots"),
         ("store", "inspect", str(tmp_path / "missing")),
         ("store", "export", str(tmp_path / "missing")),  # no --out
+        ("report", str(tmp_path / "no-such-run")),
     ]
     for args in bad:
         r = _top(*args)
@@ -108,8 +109,48 @@ def test_console_entry_points_are_installed() -> None:
     interpreter."""
     bindir = Path(sys.executable).parent
     for name, word in (("dissect-dist", "store"), ("dissect-data", "manifest"),
-                       ("dissect-store", "inspect")):
+                       ("dissect-store", "inspect"), ("dissect-report", "RUN_DIR")):
         exe = bindir / name
         assert exe.exists(), f"{exe} missing: rerun .ci/setup (pip install -e .)"
         r = _top("--help", exe=[str(exe)])
         assert r.returncode == 0 and word in r.stdout, (name, r.stderr)
+
+
+def _metrics(run: Path, steps: int, partial: bool) -> None:
+    """metrics.jsonl as the trainer writes it (TrainLog, NoiseDiagnostics, Evaluator)."""
+    run.mkdir(parents=True)
+    rows = []
+    for s in range(2, steps + 1, 2):
+        rows.append({"step": s, "kind": "train", "trained_total": 30 * s, "samples_seen": 96 * s,
+                     "epoch": s // 10, "loss": 3.0 - 0.05 * s, "kept_fraction": 0.3125,
+                     "samples_per_s": 300.0, "trained_per_s": 94.0, "lr": 1e-3,
+                     "logit_scale": 14.0, "kept_precision": 0.6 + 0.01 * s,
+                     **{f"time_{p}_ms": 1.0 + i for i, p in enumerate(
+                         ("input", "score", "wait", "select", "fwd_bwd", "optim"))}})
+        if s % 10 == 0:
+            rows.append({"step": s, "kind": "epoch", "epoch": s // 10,
+                         "key_auroc_clean_vs_noisy": 0.55})
+            rows.append({"step": s, "kind": "eval", "zeroshot_acc": 0.1 * s / 10,
+                         "eval_s": 1.0})
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    if partial:
+        text += '{"step": 99, "kind": "tra'  # the line being written
+    (run / "metrics.jsonl").write_text(text)
+
+
+def test_report_draws_a_run_in_progress_and_finished(tmp_path: Path) -> None:
+    for name, partial in (("live", True), ("done", False)):
+        run = tmp_path / name
+        _metrics(run, 20, partial)
+        if not partial:
+            (run / "open_clip_model.pt").write_bytes(b"")  # what the trainer exports last
+        r = _top("report", str(run))
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == 6 and lines[-1] == f"wrote {run / 'report.png'}", lines
+        assert ("finished" in lines[0]) == (not partial), lines[0]
+        assert "loss 2.9000 -> 2.0000" in lines[1]
+        assert "fwd_bwd 5.0" in lines[2] and "AUROC clean vs noisy 0.550" in lines[3]
+        assert "zeroshot_acc: last 0.2000 (step 20)" in lines[4]
+        png = (run / "report.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

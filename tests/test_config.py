@@ -189,3 +189,18 @@ def test_shipped_reference_config_matches_the_reference_run():
     "*.yaml")))
 def test_every_shipped_config_is_valid(name):
     load_config(str(REPO / "launch" / "configs" / name), [])
+
+
+def test_the_configuration_reference_is_generated_from_the_code():
+    """docs/configuration.md is what python -m dissect_dist.config_doc prints, and every
+    key has the comment that becomes its description."""
+    from pathlib import Path
+
+    from dissect_dist import config_doc
+
+    assert config_doc.undocumented() == [], "add a comment beside these keys in config.py"
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == config_doc.reference(), (
+        "docs/configuration.md is stale: python -m dissect_dist.config_doc > "
+        "docs/configuration.md")
+    assert "| `optim.grad_clip` | `float` | `1.0` |" in doc.read_text()
