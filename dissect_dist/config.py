@@ -138,6 +138,12 @@ class SelectionConfig:
     # forward stays eager). The first steps pay the compilation (one per batch shape;
     # benchmarks/README.md gives the cost); needs a C++ compiler on CPU, Triton on CUDA.
     compile_scoring: bool = False
+    # Selection health without a noise ledger: this share of the training samples (chosen
+    # by sample id and train.seed, the same at any world size) gets another row's caption,
+    # and the log says how many of them the selection keeps (canary_kept_share against
+    # canary_share) and how it ranks them (key_auroc_rest_vs_canary); dissect_dist/canaries.py.
+    # 0 = off; 0.005 costs half a percent of the data.
+    canaries: float = 0.0
 
     def __post_init__(self) -> None:
         from dissect_dist.selection import REGISTRY
@@ -153,6 +159,8 @@ class SelectionConfig:
                "random or full")
         _check(self.score_mode in ("eval", "reference"), "selection.score_mode",
                "eval or reference")
+        _check(0.0 <= self.canaries < 0.5, "selection.canaries",
+               f"{self.canaries}: a share of the samples, 0 (off) <= c < 0.5")
         if self.strategy == "full":
             self.ratio = 1.0
 

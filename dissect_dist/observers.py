@@ -55,6 +55,7 @@ class StepRecord:
     samples_seen: int  # global samples loaded by the run so far (see optim.Progress)
     lr: float  # learning rate of the next step (the schedule has stepped)
     logit_scale: torch.Tensor  # (1,) the model's log logit scale (read when logged)
+    canary: np.ndarray | None = None  # (b,) bool host: rows made canaries (selection.canaries)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -275,6 +276,58 @@ def _concat(parts: list[list[tuple[np.ndarray, np.ndarray]]]) -> tuple[np.ndarra
     return np.concatenate([k for k, _ in rows]), np.concatenate([n for _, n in rows])
 
 
+class CanaryDiagnostics(Observer):
+    """Selection health from canaries (dissect_dist/canaries.py): per log window the
+    canaries among the rows seen and among the rows kept (TrainLog's canary_share and
+    canary_kept_share), per epoch the AUROC of the ranking key for the other rows against
+    the canaries (key_auroc_rest_vs_canary; steps with a key). Window counts stay on the
+    device; the epoch's keys move to host memory once per `flush` cadence."""
+
+    def __init__(self, device: torch.device, comm: Collective, flush: Every) -> None:
+        self.device, self.comm, self.flush = device, comm, flush
+        self.world = comm.world_size
+        self._window = torch.zeros(2, dtype=torch.int64, device=device)  # seen, kept
+        self._keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def on_step(self, rec: StepRecord) -> None:
+        assert rec.canary is not None
+        canary = torch.from_numpy(rec.canary).to(self.device, non_blocking=True)
+        self._window += torch.stack([canary.sum(), (canary & rec.keep).sum()])
+        if rec.key is not None:
+            self._keys.append((rec.key.float(), canary))
+        if self.flush.due(rec.step, rec.last):
+            self._to_host()
+
+    def take_window(self) -> torch.Tensor:
+        """(2,) int64 on the device: canaries seen and kept since the last call."""
+        n, self._window = self._window, torch.zeros_like(self._window)
+        return n
+
+    def _to_host(self) -> None:
+        if self._keys:
+            self._epoch_keys.append((torch.cat([k for k, _ in self._keys]).cpu().numpy(),
+                                     torch.cat([c for _, c in self._keys]).cpu().numpy()))
+            self._keys.clear()
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        self._to_host()
+        k, canary = _concat(self.comm.all_gather_object(self._epoch_keys))
+        self._epoch_keys = []
+        if k.size and canary.any() and not canary.all():
+            return {"key_auroc_rest_vs_canary": auroc(k, ~canary)}
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        self._to_host()
+        return {"world_size": self.world, "epoch_keys": self._epoch_keys}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """As NoiseDiagnostics: another world size's partial epoch is dropped."""
+        if sd["world_size"] == self.world:
+            self._epoch_keys = list(sd["epoch_keys"])
+
+
 class TrainLog(Observer):
     """The `train` rows of metrics.jsonl (on its cadence: train.log_every and the last
     step) and the progress bar. Counts are summed on the device over the window and
@@ -282,9 +335,10 @@ class TrainLog(Observer):
     checkpointed."""
 
     def __init__(self, sink: MetricSink, cadence: Every, device: torch.device, rank: int,
-                 timer: StepTimer, noise: NoiseDiagnostics | None) -> None:
+                 timer: StepTimer, noise: NoiseDiagnostics | None,
+                 canary: CanaryDiagnostics | None = None) -> None:
         self.sink, self.cadence, self.device, self.rank = sink, cadence, device, rank
-        self.timer, self.noise = timer, noise
+        self.timer, self.noise, self.canary = timer, noise, canary
         self.trained_total = 0
         self.bar: Any = None
         self._seen = 0
@@ -311,14 +365,15 @@ class TrainLog(Observer):
         t_now = time.perf_counter()
         seconds, self._t_last = t_now - self._t_last, t_now
         clean = self.noise.take_window_clean() if self.noise is not None else None
+        canaries = self.canary.take_window() if self.canary is not None else None
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = torch.stack([  # NCCL reduces device tensors only
             torch.tensor(float(self._seen), dtype=torch.float64, device=self.device),
-            self._kept.double(),
-            clean.double() if clean is not None else
-            torch.zeros((), dtype=torch.float64, device=self.device)])
+            self._kept.double(), clean.double() if clean is not None else zero,
+            *(canaries.double() if canaries is not None else (zero, zero))])
         dist.all_reduce(sums)
         self._seen, self._kept = 0, torch.zeros_like(self._kept)
-        seen, kept, n_clean = sums.tolist()  # CPU-GPU sync point, once per window
+        seen, kept, n_clean, c_seen, c_kept = sums.tolist()  # CPU-GPU sync, once a window
         self.trained_total += int(kept)
         vals: dict[str, Any] = {
             "trained_total": self.trained_total, "samples_seen": rec.samples_seen,
@@ -329,13 +384,20 @@ class TrainLog(Observer):
         }
         if self.noise is not None:
             vals["kept_precision"] = n_clean / max(kept, 1)
+        if self.canary is not None:
+            vals["canary_share"] = c_seen / max(seen, 1)
+            vals["canary_kept_share"] = c_kept / max(kept, 1)
         if self.device.type == "cuda":
             vals["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         vals.update(self.timer.window_ms())
         self.sink.log(rec.step, "train", vals)
         if self.bar is not None:
+            extra = ({"canary_kept": f"{vals['canary_kept_share']:.4f}/"
+                                      f"{vals['canary_share']:.4f}"}
+                     if self.canary is not None else {})
             self.bar.set_postfix(samples_s=f"{vals['samples_per_s']:.0f}",
-                                 kept=f"{vals['kept_fraction']:.2f}", loss=f"{vals['loss']:.3f}")
+                                 kept=f"{vals['kept_fraction']:.2f}", loss=f"{vals['loss']:.3f}",
+                                 **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"trained_total": self.trained_total}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dissect_dist import checkpoint
+from dissect_dist import canaries, checkpoint
 from dissect_dist import engine as enginelib
 from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig
@@ -28,6 +28,7 @@ from dissect_dist.liveness import Where
 from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink
 from dissect_dist.observers import (
+    CanaryDiagnostics,
     Evaluator,
     Every,
     NoiseDiagnostics,
@@ -117,13 +118,17 @@ class Trainer:
         self.timer = StepTimer(cfg.train.time_breakdown, self.device, self.world,
                                annotate=cfg.train.profile_at > 0, where=self.where)
         noise = self._noise_diagnostics()
+        canary = CanaryDiagnostics(self.device, self.comm, Every(cfg.train.log_every,
+                                                                 at_last=True)) \
+            if cfg.selection.canaries > 0 else None
         self.log = TrainLog(self.sink, Every(cfg.train.log_every, at_last=True), self.device,
-                            self.rank, self.timer, noise)
+                            self.rank, self.timer, noise, canary)
         self.evaluator = Evaluator(self.engine, tokenizer, pre_eval, cfg.data,
                                    cfg.train.eval_every, self.sink, self.rank, self.world,
                                    self.device, self.autocast_dtype)
         self.observers: dict[str, Observer] = {
             **({"noise": noise} if noise is not None else {}),
+            **({"canary": canary} if canary is not None else {}),
             "timer": self.timer, "log": self.log, "eval": self.evaluator}
         self._save_every = Every(cfg.train.checkpoint_every)
         if resume:
@@ -164,6 +169,8 @@ class Trainer:
         # Page-locked on CUDA (the loader pins), so the copies run asynchronously. The
         # images first: decoding on the device (data.decode) may drop a row it cannot read.
         images = batch.images_on(self.device, self.dtype) if len(batch.ids) else batch.images
+        # Canaries after the images: device decoding may have dropped rows.
+        canary = canaries.canary_batch(batch, self.cfg.selection.canaries, self.cfg.train.seed)
         ids = batch.ids.to(self.device, non_blocking=True)
         b = ids.shape[0]
         texts = batch.texts.to(self.device, non_blocking=True) if b else batch.texts
@@ -200,7 +207,8 @@ class Trainer:
             step=self.step, epoch=self.loader.epoch, last=self._done(), host_ids=batch.ids,
             ids=ids, curr=curr, keep=sel.keep, key=sel.key, loss=loss.detach(),
             times=self.timer.phases(), samples_seen=self.progress.samples_seen,
-            lr=self.engine.get_lr()[0], logit_scale=self._logit_scale().detach())
+            lr=self.engine.get_lr()[0], logit_scale=self._logit_scale().detach(),
+            canary=canary)
 
     def _logit_scale(self) -> torch.Tensor:
         scale: torch.Tensor = self.engine.module.logit_scale
