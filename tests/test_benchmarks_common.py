@@ -295,3 +295,23 @@ def test_profile_summary_cuts_device_time_by_phase(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps({"traceEvents": events[3:]}))
     with pytest.raises(ValueError, match="no dissect_dist.phase"):
         ps.summarize(tmp_path / "none.json")
+
+
+def test_canary_validation_compares_canaries_with_the_ledger():
+    """Kept ratios over the second half of the log windows, and the epoch AUROCs."""
+    from benchmarks.canary_validation import compare
+
+    rows = []
+    for s in range(1, 9):
+        rows.append({"kind": "train", "step": s, "canary_share": 0.05,
+                     "canary_kept_share": 0.05 if s <= 4 else 0.025,
+                     "kept_precision": 0.6 if s <= 4 else 0.8})
+        if s % 2 == 0:
+            rows.append({"kind": "epoch", "step": s, "key_auroc_rest_vs_canary": 0.5 + s / 100,
+                         "key_auroc_clean_vs_noisy": 0.52 + s / 100})
+    got = compare(rows, noisy_share=0.4)
+    assert got["canary_kept_ratio"] == pytest.approx(0.5)  # second half: 0.025 / 0.05
+    assert got["ledger_kept_ratio"] == pytest.approx(0.5)  # (1 - 0.8) / 0.4
+    assert got["epochs_with_auroc"] == 4
+    assert got["auroc_mean_abs_diff"] == pytest.approx(0.02)
+    assert got["auroc_correlation"] == pytest.approx(1.0)
