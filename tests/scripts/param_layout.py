@@ -16,7 +16,7 @@ OUT_DIR/rank-N.jsonl:
           checkpoint.load_engine: per-parameter fp32 weights and Adam moments compared
           with the writer's.
 
-usage: param_layout.py layout|grads|ckpt OUT_DIR"""
+usage: param_layout.py layout|grads|ckpt|all OUT_DIR (all: the three in one launch)"""
 
 from __future__ import annotations
 
@@ -213,12 +213,8 @@ def main() -> None:
     global OUT
     what, out = [a for a in sys.argv[1:] if not a.startswith("--")]  # the launcher adds
     OUT = out = Path(out)                                              # --local_rank=N
-    if what == "layout":
-        layout()
-    elif what == "grads":
-        grads()
-    else:
-        ckpt(out)
+    for part in (("layout", "grads", "ckpt") if what == "all" else (what,)):
+        {"layout": layout, "grads": grads, "ckpt": lambda: ckpt(out)}[part]()
 
 
 if __name__ == "__main__":
