@@ -86,7 +86,19 @@ def summary(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
         "no split (train.time_breakdown=false)"
     lines.append(f"throughput {sps:,.0f} samples/s seen, {tps:,.0f} trained/s; step ms: "
                  f"{parts}")
-    if any("kept_precision" in r for r in train):
+    if any("canary_share" in r for r in train):
+        half = train[len(train) // 2:]
+        share = statistics.mean(float(r["canary_share"]) for r in half)
+        kept = statistics.mean(float(r["canary_kept_share"]) for r in half)
+        _, cau = _series(rows, "epoch", "key_auroc_rest_vs_canary")
+        au = f", ranking-key AUROC rest vs canaries {cau[-1]:.3f}" if cau else ""
+        ledger = ""
+        if any("kept_precision" in r for r in train):
+            _, prec = _series(rows, "train", "kept_precision")
+            ledger = f"; ledger: clean share of kept {statistics.mean(prec[len(prec) // 2:]):.3f}"
+        lines.append(f"selection (canaries): {kept:.4f} of kept rows vs {share:.4f} of rows "
+                     f"seen over the second half{au}{ledger}")
+    elif any("kept_precision" in r for r in train):
         _, prec = _series(rows, "train", "kept_precision")
         _, auroc = _series(rows, "epoch", "key_auroc_clean_vs_noisy")
         au = f", ranking-key AUROC clean vs noisy {auroc[-1]:.3f} (0.5 = chance)" \
@@ -94,8 +106,8 @@ def summary(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"selection (noise ledger): clean share of kept rows "
                      f"{statistics.mean(prec[len(prec) // 2:]):.3f} over the second half{au}")
     else:
-        lines.append("selection: no noise ledger in this run, nothing says which kept "
-                     "rows are clean")
+        lines.append("selection: no noise ledger and no canaries in this run, nothing says "
+                     "which kept rows are clean (selection.canaries: 0.005)")
     keys = _eval_keys(rows)
     if keys:
         steps, vals = _series(rows, "eval", keys[0])
@@ -122,17 +134,27 @@ def plot(run_dir: Path, rows: list[dict[str, Any]], out: Path) -> Path:
     a_kept.plot(*_series(rows, "train", "kept_fraction"))
     a_kept.set(title="kept fraction", xlabel="step", ylim=(0, 1.05))
     s, v = _series(rows, "train", "kept_precision")
+    cs, cv = _series(rows, "train", "canary_kept_share")
+    if cs:
+        _, seen = _series(rows, "train", "canary_share")
+        a_sel.plot(cs, [k / max(x, 1e-12) for k, x in zip(cv, seen)],
+                   label="canaries kept / their share (1 = chance)")
+        ces, cev = _series(rows, "epoch", "key_auroc_rest_vs_canary")
+        if ces:
+            a_sel.plot(ces, cev, "s-", label="ranking-key AUROC, canaries (epoch)")
     if s:
         a_sel.plot(s, v, label="clean share of kept rows")
         es, ev = _series(rows, "epoch", "key_auroc_clean_vs_noisy")
         if es:
             a_sel.plot(es, ev, "o-", label="ranking-key AUROC (epoch)")
+    if s or cs:
         a_sel.axhline(0.5, color="grey", lw=0.5)
         a_sel.legend(fontsize=8)
-        a_sel.set(title="selection vs the noise ledger", xlabel="step")
+        a_sel.set(title="selection: noise ledger and canaries", xlabel="step")
     else:
-        a_sel.text(0.5, 0.5, "no noise ledger in this run", ha="center", va="center")
-        a_sel.set(title="selection vs the noise ledger", xticks=[], yticks=[])
+        a_sel.text(0.5, 0.5, "no noise ledger and no canaries (selection.canaries)",
+                   ha="center", va="center")
+        a_sel.set(title="selection: noise ledger and canaries", xticks=[], yticks=[])
     keys = _eval_keys(rows)
     for k in keys[:4]:
         a_eval.plot(*_series(rows, "eval", k), "o-", label=k)
