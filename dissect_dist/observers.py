@@ -287,13 +287,18 @@ class CanaryDiagnostics(Observer):
         self.device, self.comm, self.flush = device, comm, flush
         self.world = comm.world_size
         self._window = torch.zeros(2, dtype=torch.int64, device=device)  # seen, kept
+        # This epoch: canaries seen and kept, rows seen and kept (this rank's).
+        self._epoch = torch.zeros(4, dtype=torch.int64, device=device)
         self._keys: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._epoch_keys: list[tuple[np.ndarray, np.ndarray]] = []
 
     def on_step(self, rec: StepRecord) -> None:
         assert rec.canary is not None
         canary = torch.from_numpy(rec.canary).to(self.device, non_blocking=True)
-        self._window += torch.stack([canary.sum(), (canary & rec.keep).sum()])
+        counts = torch.stack([canary.sum(), (canary & rec.keep).sum()])
+        self._window += counts
+        self._epoch += torch.cat([counts, torch.stack([
+            torch.tensor(rec.keep.shape[0], device=self.device), rec.keep.sum()])])
         if rec.key is not None:
             self._keys.append((rec.key.float(), canary))
         if self.flush.due(rec.step, rec.last):
@@ -314,18 +319,28 @@ class CanaryDiagnostics(Observer):
         self._to_host()
         k, canary = _concat(self.comm.all_gather_object(self._epoch_keys))
         self._epoch_keys = []
+        counts = self._epoch.double()
+        if self.world > 1:
+            dist.all_reduce(counts)
+        self._epoch.zero_()
+        c_seen, c_kept, seen, kept = counts.tolist()
+        vals: dict[str, Any] = {"canary_share": c_seen / max(seen, 1),
+                                "canary_kept_share": c_kept / max(kept, 1)}
         if k.size and canary.any() and not canary.all():
-            return {"key_auroc_rest_vs_canary": auroc(k, ~canary)}
-        return {}
+            vals["key_auroc_rest_vs_canary"] = auroc(k, ~canary)
+        return vals
 
     def state_dict(self) -> dict[str, Any]:
         self._to_host()
-        return {"world_size": self.world, "epoch_keys": self._epoch_keys}
+        return {"world_size": self.world, "epoch_keys": self._epoch_keys,
+                "epoch_counts": self._epoch.cpu()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """As NoiseDiagnostics: another world size's partial epoch is dropped."""
         if sd["world_size"] == self.world:
             self._epoch_keys = list(sd["epoch_keys"])
+            if "epoch_counts" in sd:
+                self._epoch = sd["epoch_counts"].to(self.device)
 
 
 class TrainLog(Observer):

@@ -63,9 +63,9 @@ def fmnist(tmp_path_factory):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_a_run_logs_its_canaries_as_the_samples_it_trained_say(fmnist, tmp_path):
-    """canary_share / canary_kept_share per step and key_auroc_rest_vs_canary at the
-    epoch's end are what the sample record (ids, keep, key of every rank) gives when the
-    canaries are recomputed from the ids alone; the captions of canary rows changed."""
+    """canary_share / canary_kept_share per step and at the epoch's end, and
+    key_auroc_rest_vs_canary at the epoch's end, are what the sample record (ids, keep,
+    key of every rank) gives when the canaries are recomputed from the ids alone."""
     from tests.test_trainer import _args, _metrics, _run, _steps
 
     _run(_args(fmnist, tmp_path, "selection.strategy=clipscore", "selection.canaries=0.2",
@@ -84,3 +84,6 @@ def test_a_run_logs_its_canaries_as_the_samples_it_trained_say(fmnist, tmp_path)
     epoch = [m for m in rows if m["kind"] == "epoch"]
     assert len(epoch) == 1
     assert epoch[0]["key_auroc_rest_vs_canary"] == pytest.approx(auroc(keys, ~canary))
+    kept = np.concatenate([s["keep"] for s in steps])
+    assert epoch[0]["canary_share"] == pytest.approx(canary.mean())
+    assert epoch[0]["canary_kept_share"] == pytest.approx((canary & kept).sum() / kept.sum())
