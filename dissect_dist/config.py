@@ -161,8 +161,8 @@ class SelectionConfig:
                "eval or reference")
         _check(0.0 <= self.canaries < 0.5, "selection.canaries",
                f"{self.canaries}: a share of the samples, 0 (off) <= c < 0.5")
-        if self.strategy == "full":
-            self.ratio = 1.0
+        if self.strategy in ("full", "oracle"):
+            self.ratio = 1.0  # they keep what they keep, whatever r
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -198,6 +198,10 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 1  # passes over the training shards
     max_steps: int | None = None  # stop early (a smoke run); None = epochs * steps/epoch
+    # Stop once the run has spent this many FLOPs on scoring and training (0: no budget):
+    # equal-compute comparisons give every strategy the same budget. Counted as
+    # dissect_dist/compute.py says; the run also stops at epochs or max_steps if sooner.
+    max_flops: float = 0.0
     seed: int = 0  # model init, sample order, augmentation and random draws
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 (optimizer state) or 2 (+ gradients)
     # Where the run writes: checkpoints/, metrics.jsonl, tb/ (TensorBoard), tokens/, the
@@ -239,6 +243,8 @@ class TrainConfig:
         _check(self.profile_steps >= 1, "train.profile_steps", f"{self.profile_steps}: need >= 1")
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs}: need >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "need >= 1")
+        _check(self.max_flops >= 0, "train.max_flops", f"{self.max_flops}: need >= 0 "
+               "(0: no FLOP budget)")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "need >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "need >= 1")
@@ -256,6 +262,11 @@ class RunConfig:
     selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.selection.strategy != "oracle" or bool(self.data.noise_ledger),
+               "selection.strategy", "oracle keeps the pairs the noise ledger does not list: "
+               "set data.noise_ledger (a benchmark arm; real data has no ledger)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,18 +25,30 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     L2-normalised. Returns the mean loss over the K global rows (identical value on
     every rank). With K == 0 everywhere the loss is 0 but still depends on the
     parameters, so backward and the gradient all-reduce still run."""
-    all_img, _, _ = gather_rows(img, world_size)
+    return clip_loss_counted(img, txt, logit_scale, world_size)[0]
+
+
+def clip_loss_counted(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                      world_size: int, loaded: int = 0
+                      ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """clip_loss, with every rank's kept row count and every rank's `loaded` (this rank's
+    batch rows), which travel in the gather's header at no extra cost (compute.step_cost
+    turns them into the step's FLOPs on every rank alike)."""
+    flag = torch.tensor(loaded, dtype=torch.int64, device=img.device) if world_size > 1 \
+        else torch.tensor(loaded)
+    all_img, kept, loaded_all = gather_rows(img, world_size, flag=flag)
     all_txt, _, _ = gather_rows(txt, world_size)
     k = all_img.shape[0]
     if k == 0:
-        return (img.sum() + txt.sum()) * 0.0 + logit_scale.sum() * 0.0
+        return (img.sum() + txt.sum()) * 0.0 + logit_scale.sum() * 0.0, kept, loaded_all
     # Every rank computes the whole loss, so the logit scale's own gradient would be
     # counted once per rank; give each rank a 1/W share (value unchanged).
     shared = logit_scale + (logit_scale - logit_scale.detach()) * (1.0 / world_size - 1.0)
     scale = shared.exp().reshape(())
     logits = scale * all_img @ all_txt.t()  # (K, K)
     labels = torch.arange(k, device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return loss, kept, loaded_all
 
 
 def per_sample_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,

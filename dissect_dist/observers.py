@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dissect_dist import compute
 from dissect_dist import model as modellib
 from dissect_dist.config import DataConfig
 from dissect_dist.evaluate import EvalSet, retrieval_on, zeroshot_counts
@@ -347,13 +348,17 @@ class TrainLog(Observer):
     """The `train` rows of metrics.jsonl (on its cadence: train.log_every and the last
     step) and the progress bar. Counts are summed on the device over the window and
     all-reduced once per row; trained_total (kept rows of all ranks, whole run) is
-    checkpointed."""
+    checkpointed, and so is the compute ledger's run totals (pairs loaded and scored,
+    rows trained, FLOPs, wall seconds: compute.py), whose window sums and totals each row
+    carries."""
 
     def __init__(self, sink: MetricSink, cadence: Every, device: torch.device, rank: int,
                  timer: StepTimer, noise: NoiseDiagnostics | None,
-                 canary: CanaryDiagnostics | None = None) -> None:
+                 canary: CanaryDiagnostics | None = None,
+                 ledger: compute.Ledger | None = None) -> None:
         self.sink, self.cadence, self.device, self.rank = sink, cadence, device, rank
         self.timer, self.noise, self.canary = timer, noise, canary
+        self.ledger = ledger if ledger is not None else compute.Ledger()
         self.trained_total = 0
         self.bar: Any = None
         self._seen = 0
@@ -405,6 +410,7 @@ class TrainLog(Observer):
         if self.device.type == "cuda":
             vals["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         vals.update(self.timer.window_ms())
+        vals.update(self.ledger.take_window())
         self.sink.log(rec.step, "train", vals)
         if self.bar is not None:
             extra = ({"canary_kept": f"{vals['canary_kept_share']:.4f}/"
@@ -415,10 +421,11 @@ class TrainLog(Observer):
                                  **extra)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trained_total": self.trained_total}
+        return {"trained_total": self.trained_total, "compute": self.ledger.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.trained_total = int(sd.get("trained_total", 0))
+        self.ledger.load_state_dict(sd.get("compute", {}))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,6 +17,8 @@ ids or low ranks.
     dissect_momentum  δ = hist - curr (new: 0 or -curr)          Momentum(β)
     dissect_warmup    epoch < T_w: RANDOM (or KEEP_ALL)          Overwrite
                       then (hist - mean hist) - (curr - mean curr) Frozen
+    oracle            Keep(not noisy): every pair the noise ledger   -
+                      does not list, whatever r (a benchmark's ceiling)
 """
 
 from __future__ import annotations
@@ -44,8 +46,17 @@ class NoKey(enum.Enum):
 
 RANDOM: Final = NoKey.RANDOM
 KEEP_ALL: Final = NoKey.KEEP_ALL
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """What a strategy returns to keep exactly these rows, whatever r (no ranking)."""
+
+    mask: torch.Tensor  # (b,) bool
+
+
 # (b,) ranking keys, higher = keep, or what to do without keys.
-Keys: TypeAlias = "torch.Tensor | Literal[NoKey.RANDOM, NoKey.KEEP_ALL]"
+Keys: TypeAlias = "torch.Tensor | Keep | Literal[NoKey.RANDOM, NoKey.KEEP_ALL]"
 
 
 @dataclasses.dataclass
@@ -183,6 +194,24 @@ class DissectWarmup(_Defaults):
         return (hist - ranking.mean(hist)) - (batch.curr - ranking.mean(batch.curr))
 
 
+class Oracle(_Defaults):
+    """Keeps exactly the pairs the noise ledger does not list (data.noise_ledger: the ids
+    whose caption was swapped), with no scoring pass: the ceiling of any selection that
+    tries to drop mismatched pairs, at zero selection cost. A benchmark arm, not a method:
+    real data has no ledger. selection.ratio does not apply (as for full)."""
+
+    def __init__(self, noisy: torch.Tensor | None) -> None:
+        if noisy is None:
+            raise ValueError("selection.strategy=oracle keeps the pairs the noise ledger does "
+                             "not list: set data.noise_ledger")
+        self.noisy = noisy  # (N,) bool by sample id
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
+        if self.noisy.device != batch.ids.device:
+            self.noisy = self.noisy.to(batch.ids.device)
+        return Keep(~self.noisy[batch.ids])
+
+
 REGISTRY: dict[str, Callable[..., Strategy]] = {
     "full": lambda **kw: Full(),
     "random": lambda **kw: RandomSel(),
@@ -192,6 +221,7 @@ REGISTRY: dict[str, Callable[..., Strategy]] = {
     "dissect_momentum": lambda beta, first_sight, **kw: DissectMomentum(beta, first_sight),
     "dissect_warmup": lambda warmup_epochs, warmup_train, **kw: DissectWarmup(
         warmup_epochs, warmup_train),
+    "oracle": lambda noisy=None, **kw: Oracle(noisy),
 }
 
 
@@ -245,6 +275,8 @@ class Selector:
         b = batch.ids.shape[0]
         if keys is KEEP_ALL:
             return Selection(torch.ones(b, dtype=torch.bool, device=batch.ids.device), None)
+        if isinstance(keys, Keep):
+            return Selection(keys.mask, None)
         key = None if keys is RANDOM else keys
         # RANDOM ranks zeros: only the row counts matter, and the draws below decide.
         ranked = key if key is not None else torch.zeros(b, device=batch.ids.device)

@@ -11,6 +11,7 @@ One step (`Trainer.train_step`):
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dissect_dist import canaries, checkpoint
+from dissect_dist import canaries, checkpoint, compute
 from dissect_dist import engine as enginelib
 from dissect_dist import model as modellib
 from dissect_dist.config import RunConfig
 from dissect_dist.data import Manifest, WebDatasetLoader
 from dissect_dist.data.decode import ImagePlan
 from dissect_dist.liveness import Where
-from dissect_dist.loss import clip_loss, per_sample_loss, scale_for_mean_reduce
+from dissect_dist.loss import clip_loss_counted, per_sample_loss, scale_for_mean_reduce
 from dissect_dist.metrics import MetricSink
 from dissect_dist.observers import (
     CanaryDiagnostics,
@@ -65,6 +66,12 @@ class Trainer:
         self.ckpt_root = str(self.run_dir / "checkpoints")
         self.model, pre_train, pre_eval, tokenizer = modellib.create(
             cfg.model.name, cfg.model.pretrained, attention=cfg.model.attention)
+        # FLOPs of one pair through this model, counted once (compute.py); every step's
+        # cost is this times its rows.
+        self.row_cost = compute.count_row_cost(
+            self.model, *modellib.blank_row(pre_eval, tokenizer, torch.device("cpu"),
+                                            torch.float32))
+        self.ledger = compute.Ledger()
         # Reduced-size JPEG decoding, uint8 batches normalised on the device (data/decode.py).
         pre_train, pre_eval = (ImagePlan.from_transform(t, resampling=cfg.data.resampling)
                                for t in (pre_train, pre_eval))
@@ -83,7 +90,9 @@ class Trainer:
         s = cfg.selection
         self.selector = Selector(
             build_strategy(s.strategy, beta=s.beta, first_sight=s.first_sight,
-                           warmup_epochs=s.warmup_epochs, warmup_train=s.warmup_train),
+                           warmup_epochs=s.warmup_epochs, warmup_train=s.warmup_train,
+                           noisy=torch.from_numpy(self._noisy()) if s.strategy == "oracle"
+                           and cfg.data.noise_ledger else None),
             s.ratio, s.scope, self.rank, self.world, cfg.train.seed,
             max_rows=cfg.data.batch_size, store=self._new_store())
         # A resume with another world size, or of a checkpoint cut in another flat layout
@@ -122,7 +131,7 @@ class Trainer:
                                                                  at_last=True)) \
             if cfg.selection.canaries > 0 else None
         self.log = TrainLog(self.sink, Every(cfg.train.log_every, at_last=True), self.device,
-                            self.rank, self.timer, noise, canary)
+                            self.rank, self.timer, noise, canary, self.ledger)
         self.evaluator = Evaluator(self.engine, tokenizer, pre_eval, cfg.data,
                                    cfg.train.eval_every, self.sink, self.rank, self.world,
                                    self.device, self.autocast_dtype)
@@ -146,12 +155,18 @@ class Trainer:
         return ScoreStore(self.manifest.total, self.comm, device=self.device,
                           seed=self.cfg.train.seed)
 
+    def _noisy(self) -> np.ndarray:
+        """(N,) bool by sample id: the noise ledger's pairs (data.noise_ledger)."""
+        assert self.cfg.data.noise_ledger
+        noisy = np.zeros(self.manifest.total, dtype=bool)
+        noisy[np.load(self.cfg.data.noise_ledger)] = True
+        return noisy
+
     def _noise_diagnostics(self) -> NoiseDiagnostics | None:
         cfg = self.cfg
         if not cfg.data.noise_ledger:
             return None
-        noisy = np.zeros(self.manifest.total, dtype=bool)
-        noisy[np.load(cfg.data.noise_ledger)] = True
+        noisy = self._noisy()
         # A run that keeps everything also tracks the δ that dissect_momentum would
         # compute on this model: does δ separate noisy pairs under full training?
         shadow = None
@@ -162,7 +177,9 @@ class Trainer:
                                 Every(cfg.train.log_every, at_last=True), shadow)
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, batch: Any) -> StepRecord:
+    def train_step(self, batch: Any, data_s: float = 0.0) -> StepRecord:
+        """One step on `batch`; data_s: the seconds the loop waited for it (the step's
+        wall time in the compute ledger includes them)."""
         self.timer.start()
         # Counted before engine.step(), whose scheduler step then sets the next step's lr.
         self.progress.samples_seen += self.world * self.cfg.data.batch_size
@@ -196,17 +213,22 @@ class Trainer:
         self.timer.mark("select")
         with modellib.autocast(self.device, self.autocast_dtype):
             img, txt = modellib.encode_kept(self.engine, images, texts, sel.keep, self._dummy)
-        loss = clip_loss(img, txt, self._logit_scale(), self.world)
+        loss, kept, loaded = clip_loss_counted(img, txt, self._logit_scale(), self.world,
+                                               loaded=b)
         self.engine.backward(scale_for_mean_reduce(loss, self.world))
         self.timer.mark("fwd_bwd")
         self.engine.step()
         modellib.clamp_logit_scale(self.engine)
         self.timer.mark("optim")
         self.step += 1
+        times = self.timer.phases()
+        cost = compute.step_cost(self.row_cost, loaded, kept, scored=strat.needs_scores,
+                                 per_sample_loss=strat.needs_loss)
+        self.ledger.add(cost, data_s + sum(times.values()))
         return StepRecord(
             step=self.step, epoch=self.loader.epoch, last=self._done(), host_ids=batch.ids,
             ids=ids, curr=curr, keep=sel.keep, key=sel.key, loss=loss.detach(),
-            times=self.timer.phases(), samples_seen=self.progress.samples_seen,
+            times=times, samples_seen=self.progress.samples_seen,
             lr=self.engine.get_lr()[0], logit_scale=self._logit_scale().detach(),
             canary=canary)
 
@@ -223,8 +245,9 @@ class Trainer:
             epoch = self.loader.epoch if self.loader.cursor < len(self.loader) \
                 else self.loader.epoch + 1
             where.enter("data", self.step)
+            t_ask = time.perf_counter()
             for batch in self.loader:
-                rec = self.train_step(batch)
+                rec = self.train_step(batch, data_s=time.perf_counter() - t_ask)
                 where.enter("observe", self.step)
                 for o in self.observers.values():
                     o.on_step(rec)
@@ -233,6 +256,7 @@ class Trainer:
                 if rec.last:
                     break
                 where.enter("data")
+                t_ask = time.perf_counter()
             if self.loader.cursor >= len(self.loader):
                 where.enter("observe")
                 self._end_of_epoch(epoch)
@@ -249,7 +273,10 @@ class Trainer:
         return self.loader.epoch + int(self.loader.cursor >= len(self.loader))
 
     def _done(self) -> bool:
-        """train.max_steps reference steps' worth of samples, or train.epochs epochs."""
+        """train.max_flops spent, train.max_steps reference steps' worth of samples, or
+        train.epochs epochs, whichever comes first."""
+        if self.cfg.train.max_flops and self.ledger.flops >= self.cfg.train.max_flops:
+            return True
         if self.cfg.train.max_steps:
             return self.progress.ref_steps() >= self.cfg.train.max_steps
         return self._epochs_done() >= self.cfg.train.epochs

@@ -45,7 +45,19 @@ def test_keys_return_a_tensor_of_keys_or_a_sentinel(name, epoch, kind):
 
 def test_every_registered_strategy_is_covered_above():
     assert set(REGISTRY) == {"full", "random", "clipscore", "small_loss", "big_loss",
-                             "dissect_momentum", "dissect_warmup"}
+                             "dissect_momentum", "dissect_warmup", "oracle"}
+
+
+def test_the_oracle_keeps_exactly_the_pairs_the_ledger_does_not_list():
+    noisy = torch.zeros(16, dtype=torch.bool)
+    noisy[[1, 4, 5, 9]] = True
+    sel = Selector(build_strategy("oracle", noisy=noisy), 0.3, "global", 0, 1, seed=0)
+    ids = torch.tensor([9, 0, 4, 7, 3, 5, 12, 1])
+    out = sel.select(ScoredBatch(ids, None, None, 0))
+    assert out.keep.tolist() == [False, True, False, True, True, False, True, False]
+    assert out.key is None  # whatever r: 4 of 8 kept at r = 0.3
+    with pytest.raises(ValueError, match="data.noise_ledger"):
+        build_strategy("oracle")
 
 
 def test_warmup_train_full_says_keep_all():

@@ -1,0 +1,89 @@
+"""The compute ledger: one pair's FLOPs counted once and multiplied is what the real
+scoring pass and the real training step execute, as FlopCounterMode counts them over
+the whole step; the ledger's windows and totals; counting leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dissect_dist import compute
+from dissect_dist import model as modellib
+from dissect_dist.loss import clip_loss_counted, per_sample_loss
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, _, pre, tok = modellib.create("tiny-vit-28", None)
+    image, text = modellib.blank_row(pre, tok, torch.device("cpu"), torch.float32)
+    return model, image, text
+
+
+def _batch(image: torch.Tensor, text: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(b)
+    return (torch.randn((b, *image.shape[1:]), generator=g),
+            torch.randint(1, 500, (b, text.shape[1]), generator=g))
+
+
+def test_one_pair_counted_once_is_what_a_real_step_executes(tiny):
+    model, image, text = tiny
+    row = compute.count_row_cost(model, image, text)
+    assert row.dim == 64 and 2.5 * row.score < row.train < 3.5 * row.score
+    images, texts = _batch(image, text, 12)
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[[0, 3, 4, 9, 11]] = True
+    scale = model.logit_scale
+    # the scoring pass and the per-sample loss of the loss-based selectors
+    with FlopCounterMode(display=False) as fc:
+        fi, ft = modellib.score_features(model, images, texts, mode="eval", autocast_dtype=None)
+        per_sample_loss(fi, ft, scale.detach(), 1)
+    # the training forward of the kept rows, the loss and the backward
+    with FlopCounterMode(display=False) as ft_count:
+        img, txt = modellib.encode_kept(model, images, texts, keep, (image, text))
+        loss, kept, loaded = clip_loss_counted(img, txt, scale, 1, loaded=12)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    assert (kept, loaded) == ([5], [12])
+    cost = compute.step_cost(row, loaded, kept, scored=True, per_sample_loss=True)
+    assert cost.flops_score == fc.get_total_flops()
+    assert cost.flops_train == ft_count.get_total_flops()
+    assert (cost.loaded, cost.scored, cost.trained) == (12, 12, 5)
+    # a strategy without scoring pays none; a rank with no kept row forwards a blank one
+    none = compute.step_cost(row, [12, 12], [0, 3], scored=False, per_sample_loss=False)
+    assert none.flops_score == 0 and none.scored == 0
+    assert none.flops_train == 4 * row.train + 6 * 2 * 9 * row.dim
+
+
+def test_counting_leaves_weights_gradients_mode_and_random_state_alone(tiny):
+    model, image, text = tiny
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    compute.count_row_cost(model, image, text)
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()
+    with pytest.raises(ValueError, match="one row"):
+        compute.count_row_cost(model, *_batch(image, text, 2))
+
+
+def test_the_ledger_sums_windows_and_keeps_totals_across_a_checkpoint():
+    row = compute.RowCost(score=10, train=30, dim=2)
+    led = compute.Ledger()
+    c = compute.step_cost(row, [4, 4], [2, 1], scored=True, per_sample_loss=False)
+    led.add(c, 0.5)
+    led.add(c, 0.25)
+    w = led.take_window()
+    assert (w["pairs_loaded"], w["pairs_scored"], w["rows_trained"]) == (16, 16, 6)
+    assert w["flops_score"] == 2 * 80 and w["flops_train"] == 2 * (3 * 30 + 6 * 2 * 9 * 2)
+    assert w["wall_s"] == 0.75 and w["flops_total"] == w["flops_score"] + w["flops_train"]
+    led.add(c, 1.0)
+    w2 = led.take_window()
+    assert w2["pairs_loaded"] == 8 and w2["pairs_loaded_total"] == 24
+    resumed = compute.Ledger()
+    resumed.load_state_dict(led.state_dict())
+    assert resumed.flops == led.flops and resumed.total == led.total
