@@ -165,7 +165,9 @@ class StepTimer(Observer):
 class NoiseDiagnostics(Observer):
     """The noise ledger's metrics (data.noise_ledger: the ids whose caption is wrong).
 
-    Per log window: the clean rows among the kept ones (TrainLog's kept_precision). Per
+    Per log window: the clean rows among the kept ones (TrainLog's kept_precision) and
+    the noisy rows among those seen (its dropped_noisy_recall: the share of the noisy
+    pairs seen that the selection dropped). Per
     epoch: AUROC of the ranking key for clean vs noisy pairs and its histograms, and
     the mean CLIPScore of clean and of noisy pairs (steps that scored). With a shadow
     (train.diagnose_scores on a strategy that does not score): the δ of
@@ -183,6 +185,7 @@ class NoiseDiagnostics(Observer):
         # The shadow ranks nothing: its Ranking only carries the store.
         self._shadow_ranking = Ranking("global", self.world, shadow[1] if shadow else None)
         self._window_clean = torch.zeros((), dtype=torch.int64, device=device)
+        self._window_noisy = torch.zeros((), dtype=torch.int64, device=device)
         # Since the last flush, on the device: (key, noisy) and (δ, noisy) per step,
         # (curr, noisy) per step that scored.
         self._keys: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -199,6 +202,7 @@ class NoiseDiagnostics(Observer):
         noisy = torch.from_numpy(self.noisy[rec.host_ids.numpy()]).to(
             self.device, non_blocking=True)
         self._window_clean += (rec.keep & ~noisy).sum()
+        self._window_noisy += noisy.sum()
         if rec.key is not None:
             self._keys.append((rec.key.float(), noisy))
         if rec.curr is not None and rec.ids.shape[0]:
@@ -215,6 +219,11 @@ class NoiseDiagnostics(Observer):
     def take_window_clean(self) -> torch.Tensor:
         """() int64 on the device: kept rows with a clean caption since the last call."""
         n, self._window_clean = self._window_clean, torch.zeros_like(self._window_clean)
+        return n
+
+    def take_window_noisy(self) -> torch.Tensor:
+        """() int64 on the device: rows seen with a noisy caption since the last call."""
+        n, self._window_noisy = self._window_noisy, torch.zeros_like(self._window_noisy)
         return n
 
     def _to_host(self) -> None:
@@ -385,15 +394,18 @@ class TrainLog(Observer):
         t_now = time.perf_counter()
         seconds, self._t_last = t_now - self._t_last, t_now
         clean = self.noise.take_window_clean() if self.noise is not None else None
+        noisy = self.noise.take_window_noisy() if self.noise is not None else None
         canaries = self.canary.take_window() if self.canary is not None else None
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = torch.stack([  # NCCL reduces device tensors only
             torch.tensor(float(self._seen), dtype=torch.float64, device=self.device),
             self._kept.double(), clean.double() if clean is not None else zero,
+            noisy.double() if noisy is not None else zero,
             *(canaries.double() if canaries is not None else (zero, zero))])
         dist.all_reduce(sums)
         self._seen, self._kept = 0, torch.zeros_like(self._kept)
-        seen, kept, n_clean, c_seen, c_kept = sums.tolist()  # CPU-GPU sync, once a window
+        # CPU-GPU sync, once a window
+        seen, kept, n_clean, n_noisy, c_seen, c_kept = sums.tolist()
         self.trained_total += int(kept)
         vals: dict[str, Any] = {
             "trained_total": self.trained_total, "samples_seen": rec.samples_seen,
@@ -404,6 +416,9 @@ class TrainLog(Observer):
         }
         if self.noise is not None:
             vals["kept_precision"] = n_clean / max(kept, 1)
+            # of the noisy pairs seen, the share not trained on (random: 1 - r)
+            vals["dropped_noisy_recall"] = (n_noisy - (kept - n_clean)) / n_noisy \
+                if n_noisy else float("nan")
         if self.canary is not None:
             vals["canary_share"] = c_seen / max(seen, 1)
             vals["canary_kept_share"] = c_kept / max(kept, 1)

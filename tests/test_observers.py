@@ -96,6 +96,8 @@ def test_ledger_metrics_of_a_window_and_an_epoch():
     kept_clean = (keep_a & ~NOISY[:8]).sum() + (keep_b & ~NOISY[8:]).sum()
     assert int(noise.take_window_clean()) == kept_clean
     assert int(noise.take_window_clean()) == 0  # a new window
+    assert int(noise.take_window_noisy()) == NOISY.sum()  # the 16 rows seen
+    assert int(noise.take_window_noisy()) == 0
     vals = noise.on_epoch_end(0)
     keys = np.concatenate([key_a, key_b]).astype(np.float32)
     assert vals["key_auroc_clean_vs_noisy"] == auroc(keys, ~NOISY)

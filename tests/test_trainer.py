@@ -150,6 +150,11 @@ def test_every_strategy_trains_on_two_ranks(fmnist, tmp_path, strategy, row_cost
         else:  # a scored strategy keeps the global top-k of its key, not any r%
             _assert_top_k(s, 0.3)
     _assert_compute(train, steps, strategy, row_cost)
+    for m, s in zip(train, steps, strict=True):  # of the noisy pairs seen, the share dropped
+        bad = np.isin(s["ids"], noisy)
+        assert m["dropped_noisy_recall"] == pytest.approx((bad & ~s["keep"]).sum() / bad.sum())
+    if strategy in ("full", "oracle"):
+        assert {m["dropped_noisy_recall"] for m in train} == {0.0 if strategy == "full" else 1.0}
     if strategy in ("clipscore", "small_loss", "big_loss", "dissect_momentum"):
         # The top-k was a real choice. dissect_warmup without a warm-up never records a
         # score (δ = 0 throughout): tests/test_trainer_warmup.py checks its key past one.
