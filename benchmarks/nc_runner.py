@@ -15,11 +15,20 @@ Two ways to compare a selection run with `full` (Regime.pool):
          round(B / r) per rank and trains r of it, as the paper's runs do (1280 loaded,
          256 trained per GPU). pool_settings() derives such a run's batch, epochs, step
          cap, log and evaluation cadence and T_w (the config's fraction of the run).
+and one way to compare them at equal compute (Regime.equal_compute):
+  flops  every run loads the config's batch and trains until it has spent the FLOPs of
+         the config's full-data run (train.max_flops; scoring and training counted as
+         dissect_dist/compute.py counts them): a selection run pays its scoring pass with
+         fewer trained rows, random (no scoring) trains r of each batch for 1 / r times
+         as many steps, and `oracle` (the ledger's clean pairs, at no selection cost) is
+         the ceiling. The configs' learning rate is constant after warm-up, so where a
+         run stops does not bend its schedule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -31,6 +40,7 @@ if __package__:
 else:  # run as a file: python benchmarks/<script>.py
     import common  # type: ignore[no-redef]
 
+from dissect_dist import compute
 from dissect_dist.config import SelectionConfig, load_config
 from dissect_dist.selection import build_strategy
 
@@ -38,7 +48,7 @@ REPO = common.REPO
 CONFIGS = REPO / "launch" / "configs"
 
 ALL = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect_momentum",
-       "dissect_warmup"]
+       "dissect_warmup", "oracle"]
 # Variant rows of the main table: (label, strategy, extra overrides)
 VARIANTS = [("dissect_momentum[first_sight=zero]", "dissect_momentum",
              {"selection.first_sight": "zero"}),
@@ -53,7 +63,8 @@ RANKS = 2
 CONFIG_FILES = {"early": "nc-early.yaml", "memorise": "tiny-cpu.yaml",
                 "icons": "nc-icons.yaml", "quick": "nc-quick.yaml",
                 "pool": "tiny-cpu.yaml", "pool-quick": "nc-quick.yaml",
-                "icons-pool": "nc-icons-pool.yaml"}
+                "icons-pool": "nc-icons-pool.yaml", "compute": "tiny-cpu.yaml",
+                "icons-compute": "nc-icons.yaml"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +101,8 @@ class Regime:
     beta_sweep: tuple[float, ...] = ()
     # see the module docstring: selection runs load a pool of B / r and train B
     pool: bool = False
+    # see the module docstring: every run spends the FLOPs of the config's full-data run
+    equal_compute: bool = False
     # Data workers per rank. The sample order and augmentation do not depend on it (the
     # loader's contract), so neither do the results, only the wall time.
     workers: int = 1
@@ -173,6 +186,9 @@ def load_regime(name: str, *, subset: int, data: Literal["fmnist", "icons"] = "f
 
 
 _POOL_FOUR = ("full", "random", "dissect_warmup", "dissect_momentum")
+_COMPUTE = dict(main_strategies=("full", "random", "clipscore", "dissect_momentum",
+                                 "dissect_warmup", "oracle"), variants=False,
+                noise_sweep=(), ratio_sweep=(), equal_compute=True)
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
                                    main_strategies=("full", "random", "dissect_momentum"),
                                    variants=False)
@@ -194,6 +210,10 @@ REGIMES = {
     "icons-pool": load_regime("icons-pool", data="icons", subset=16034, pool=True,
                               seeds=(0, 1), main_strategies=_POOL_FOUR, variants=False,
                               noise_sweep=(), ratio_sweep=()),
+    # memorise's data and trainer settings, every run spending full's FLOPs
+    "compute": load_regime("compute", subset=500, **_COMPUTE),
+    # icons' data and settings, every run spending full's FLOPs
+    "icons-compute": load_regime("icons-compute", data="icons", subset=2000, **_COMPUTE),
     # the test suite's smoke run of the pool code path
     "pool-quick": load_regime("pool-quick", subset=512, pool=True, seeds=(0,),
                               main_strategies=("full", "dissect_warmup"), variants=False,
@@ -229,7 +249,7 @@ def grid(reg: Regime) -> list[list[Run]]:
 
     def add(label: str, strategy: str, noise: float, ratio: float, seed: int,
             extra: dict[str, Any] | None = None) -> None:
-        ratio = 1.0 if strategy == "full" else ratio
+        ratio = 1.0 if strategy in ("full", "oracle") else ratio
         r = Run(reg.name, label, strategy, noise, ratio, seed, tuple(sorted((extra or {}).items())))
         if r.key not in seen:
             seen.add(r.key)
@@ -301,6 +321,9 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
                 "train.eval_every": p.eval_every, "selection.warmup_epochs": p.warmup_epochs,
                 # every step's ids, keep mask, key and scores, for the selection audit
                 "train.record_samples": True}
+    if reg.equal_compute:
+        pool = {"train.max_flops": flop_budget(reg), "train.diagnose_scores": False,
+                "train.epochs": epoch_cap(reg, run.strategy, run.ratio, run.noise)}
     ov = {
         "data.train_manifest": f"{data}/train/manifest.json",
         "data.noise_ledger": f"{data}/train/noise_ledger.npy",
@@ -308,7 +331,8 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
            else {"data.zeroshot_dir": str(data)}),
         "selection.strategy": run.strategy, "selection.ratio": run.ratio,
         "train.seed": run.seed, "train.run_dir": str(run_dir),
-        # full-data runs are the memorisation diagnostic: score every batch
+        # full-data runs are the memorisation diagnostic: score every batch (not at equal
+        # compute, where its wall time would count)
         "train.diagnose_scores": run.strategy == "full",
         **pool,
         **dict(run.extra),
@@ -327,6 +351,38 @@ def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
             "code": common.code_version(), **res}
 
 
+@functools.cache
+def row_cost(model: str) -> compute.RowCost:
+    """One pair's FLOPs on `model`, as the trainer counts them."""
+    import torch
+
+    from dissect_dist import model as modellib
+
+    m, _, pre, tok = modellib.create(model, None)
+    return compute.count_row_cost(m, *modellib.blank_row(pre, tok, torch.device("cpu"),
+                                                         torch.float32))
+
+
+def flop_budget(reg: Regime) -> float:
+    """What the config's full-data run spends: reg.steps steps of RANKS x B pairs trained."""
+    b = reg.batch_per_rank
+    step = compute.step_cost(row_cost(reg.model), [b] * RANKS, [b] * RANKS, scored=False,
+                             per_sample_loss=False)
+    return float(reg.steps * step.flops_train)
+
+
+def epoch_cap(reg: Regime, strategy: str, ratio: float, noise: float) -> int:
+    """train.epochs of an equal-compute run: more than its budget can pay for (the budget
+    ends it), from a step that keeps half the rows the strategy keeps on average."""
+    b = reg.batch_per_rank
+    rows = {"full": 2 * b, "oracle": (1 - noise) * 2 * b}.get(strategy, ratio * 2 * b)
+    half = max(1, int(rows / 2)) // RANKS
+    step = compute.step_cost(row_cost(reg.model), [b] * RANKS, [half] * RANKS,
+                             scored=_needs_scores(strategy), per_sample_loss=False)
+    return math.ceil(flop_budget(reg) / (step.flops_score + step.flops_train)
+                     / reg.steps_per_epoch) + 1
+
+
 def steps_per_epoch(reg: Regime, strategy: str, ratio: float) -> int:
     return pool_settings(reg, strategy, ratio).steps_per_epoch if reg.pool \
         else reg.steps_per_epoch
@@ -334,10 +390,12 @@ def steps_per_epoch(reg: Regime, strategy: str, ratio: float) -> int:
 
 def _needs_scores(strategy: str) -> bool:
     """Does the strategy run the no-grad scoring pass (as the trainer builds it)?"""
+    import torch
+
     s = SelectionConfig(strategy=strategy)
     return build_strategy(s.strategy, beta=s.beta, first_sight=s.first_sight,
-                          warmup_epochs=s.warmup_epochs,
-                          warmup_train=s.warmup_train).needs_scores
+                          warmup_epochs=s.warmup_epochs, warmup_train=s.warmup_train,
+                          noisy=torch.zeros(1, dtype=torch.bool)).needs_scores
 
 
 def _finite(x: Any) -> Any:
@@ -348,14 +406,17 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
               ratio: float) -> dict[str, Any]:
     spe = steps_per_epoch(reg, strategy, ratio)
     trained_at = {x["step"]: x["trained_total"] for x in rows if x["kind"] == "train"}
+    # FLOPs and wall seconds spent by then (runs before the compute ledger: none)
+    flops_at = {x["step"]: x.get("flops_total") for x in rows if x["kind"] == "train"}
+    wall_at = {x["step"]: x.get("wall_s_total") for x in rows if x["kind"] == "train"}
     metric = METRICS[reg.data][0]
     evals: dict[int, float] = {}
     for x in rows:
         if x["kind"] == "eval":
             evals[x["step"]] = (x["zeroshot_acc"] if reg.data == "fmnist"
                                 else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
-    curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "metric": m}
-             for s, m in sorted(evals.items())]
+    curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "flops": flops_at[s],
+              "wall_s": wall_at[s], "metric": m} for s, m in sorted(evals.items())]
     r10 = {x["step"]: (x["i2t_R@10"] + x["t2i_R@10"]) / 2 for x in rows
            if x["kind"] == "eval" and "i2t_R@10" in x}  # icons: R@1 moves by 1/held-out
     extra = {"final_R@10": r10[max(r10)], "best_R@10": max(r10.values())} if r10 else {}
@@ -373,7 +434,13 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
         # pairs loaded, and the pairs that went through the no-grad scoring pass (full's
         # diagnostic scoring, train.diagnose_scores, is not counted)
         "loaded_samples": train_rows[-1]["samples_seen"],
-        "scored_samples": train_rows[-1]["samples_seen"] if _needs_scores(strategy) else 0,
+        "scored_samples": train_rows[-1].get(
+            "pairs_scored_total",
+            train_rows[-1]["samples_seen"] if _needs_scores(strategy) else 0),
+        "flops": train_rows[-1].get("flops_total"),
+        "flops_score": train_rows[-1].get("flops_score_total"),
+        "train_wall_s": train_rows[-1].get("wall_s_total"),
+        "dropped_noisy_recall": [_finite(x.get("dropped_noisy_recall")) for x in train_rows],
         "kept_precision": [_finite(x.get("kept_precision")) for x in train_rows],
         # the step of each entry of the per-train-row and per-epoch lists
         "train_steps": [x["step"] for x in train_rows],

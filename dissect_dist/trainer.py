@@ -275,7 +275,8 @@ class Trainer:
     def _done(self) -> bool:
         """train.max_flops spent, train.max_steps reference steps' worth of samples, or
         train.epochs epochs, whichever comes first."""
-        if self.cfg.train.max_flops and self.ledger.flops >= self.cfg.train.max_flops:
+        budget = self.cfg.train.max_flops
+        if budget and self.ledger.flops >= budget * (1 - 1e-9):  # to the sums' rounding
             return True
         if self.cfg.train.max_steps:
             return self.progress.ref_steps() >= self.cfg.train.max_steps
