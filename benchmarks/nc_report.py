@@ -10,10 +10,10 @@ import numpy as np
 
 if __package__:
     from benchmarks.common import mean_logged
-    from benchmarks.nc_runner import ALL, HELDOUT, METRICS, RANKS, VARIANTS
+    from benchmarks.nc_runner import HELDOUT, METRICS, ORDER, RANKS, VARIANTS
 else:  # run as a file: python benchmarks/<script>.py
     from common import mean_logged  # type: ignore[no-redef]
-    from nc_runner import ALL, HELDOUT, METRICS, RANKS, VARIANTS  # type: ignore[no-redef]
+    from nc_runner import HELDOUT, METRICS, ORDER, RANKS, VARIANTS  # type: ignore[no-redef]
 
 
 def _runs(res: dict[str, Any], regime: str, **match: Any) -> list[dict[str, Any]]:
@@ -22,10 +22,10 @@ def _runs(res: dict[str, Any], regime: str, **match: Any) -> list[dict[str, Any]
 
 
 def _labels(runs: list[dict[str, Any]]) -> list[str]:
-    """The runs' labels in table order: the strategies as ALL lists them, the variant
+    """The runs' labels in table order: the strategies as ORDER lists them, the variant
     rows, then any other label (not the results file's order, which depends on what was
     rerun when)."""
-    order = ALL + [v[0] for v in VARIANTS]
+    order = ORDER + [v[0] for v in VARIANTS]
     return sorted(dict.fromkeys(r["label"] for r in runs),
                   key=lambda x: order.index(x) if x in order else len(order))
 

@@ -48,7 +48,9 @@ REPO = common.REPO
 CONFIGS = REPO / "launch" / "configs"
 
 ALL = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect_momentum",
-       "dissect_warmup", "oracle"]
+       "dissect_warmup"]
+# The order of the tables' rows: the strategies, then the equal-compute regimes' ceiling.
+ORDER = [*ALL, "oracle"]
 # Variant rows of the main table: (label, strategy, extra overrides)
 VARIANTS = [("dissect_momentum[first_sight=zero]", "dissect_momentum",
              {"selection.first_sight": "zero"}),
@@ -374,8 +376,10 @@ def flop_budget(reg: Regime) -> float:
 def epoch_cap(reg: Regime, strategy: str, ratio: float, noise: float) -> int:
     """train.epochs of an equal-compute run: more than its budget can pay for (the budget
     ends it), from a step that keeps half the rows the strategy keeps on average."""
+    if strategy == "full":  # it spends the budget at the config's last step
+        return reg.epochs
     b = reg.batch_per_rank
-    rows = {"full": 2 * b, "oracle": (1 - noise) * 2 * b}.get(strategy, ratio * 2 * b)
+    rows = { "oracle": (1 - noise) * 2 * b}.get(strategy, ratio * 2 * b)
     half = max(1, int(rows / 2)) // RANKS
     step = compute.step_cost(row_cost(reg.model), [b] * RANKS, [half] * RANKS,
                              scored=_needs_scores(strategy), per_sample_loss=False)
@@ -415,10 +419,11 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
         if x["kind"] == "eval":
             evals[x["step"]] = (x["zeroshot_acc"] if reg.data == "fmnist"
                                 else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
-    curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "flops": flops_at[s],
-              "wall_s": wall_at[s], "metric": m} for s, m in sorted(evals.items())]
     r10 = {x["step"]: (x["i2t_R@10"] + x["t2i_R@10"]) / 2 for x in rows
            if x["kind"] == "eval" and "i2t_R@10" in x}  # icons: R@1 moves by 1/held-out
+    curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "flops": flops_at[s],
+              "wall_s": wall_at[s], "metric": m, **({"R@10": r10[s]} if s in r10 else {})}
+             for s, m in sorted(evals.items())]
     extra = {"final_R@10": r10[max(r10)], "best_R@10": max(r10.values())} if r10 else {}
     train_rows = [x for x in rows if x["kind"] == "train"]
     epochs = [x for x in rows if x["kind"] == "epoch"]

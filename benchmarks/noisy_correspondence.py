@@ -32,6 +32,11 @@ benchmarks/README.md says how they were chosen and sized):
   icons-pool  (`--regime icons-pool`) the same design on all 16,034 icons, 20 epochs, 2
             seeds of full / random / dissect_warmup / dissect_momentum. nc-icons-pool.yaml
   pool-quick  the test suite's smoke run of the pool design. nc-quick.yaml
+  compute   (`--regime compute`) memorise's data and settings at equal compute: every run
+            trains until it has spent the FLOPs of the full-data run (train.max_flops),
+            3 seeds of full / random / clipscore / dissect_momentum / dissect_warmup /
+            oracle (the ledger's clean pairs at no cost: the ceiling). tiny-cpu.yaml
+  icons-compute  (`--regime icons-compute`) the same on icons' 2000-icon data. nc-icons.yaml
 Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split, icon runs
 by image<->text retrieval R@1 on the held-out icons (mean of both directions).
 """
@@ -45,9 +50,10 @@ import time
 from pathlib import Path
 
 if __package__:
-    from benchmarks import common, nc_report, nc_runner
+    from benchmarks import common, nc_compute, nc_report, nc_runner
 else:  # run as a file: python benchmarks/noisy_correspondence.py
     import common  # type: ignore[no-redef]
+    import nc_compute  # type: ignore[no-redef]
     import nc_report  # type: ignore[no-redef]
     import nc_runner  # type: ignore[no-redef]
 
@@ -88,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[nc] refreshed {n} of {len(res['runs'])} runs from {a.runs}")
     if not a.report:
         run_grid(res, names, out, Path(a.data), Path(a.runs), a.budget_min)
-    nc_report.report(res, names, out.with_suffix(""))
+    prefix = out.with_suffix("")
+    nc_report.report(res, [n for n in names if not REGIMES[n].equal_compute], prefix)
+    for n in names:
+        if REGIMES[n].equal_compute:
+            nc_compute.report(res, n, prefix)
     return 0
 
 

@@ -70,7 +70,11 @@ def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name
         assert changed <= {"data.train_manifest", "data.noise_ledger", "data.zeroshot_dir",
                            "data.retrieval_manifest", "selection.strategy", "selection.ratio",
                            "train.seed", "train.run_dir", "train.diagnose_scores",
-                           *(POOL_KEYS if reg.pool else ()), *dict(run.extra)}, run.key
+                           *(POOL_KEYS if reg.pool else ()), *dict(run.extra),
+                           *(("train.max_flops", "train.epochs") if reg.equal_compute
+                             else ())}, run.key
+        if reg.equal_compute:
+            equal_compute_run_spends_the_full_runs_flops(reg, run, got)
         if reg.pool:
             pool_run_trains_the_full_runs_rows_for_as_many_steps(reg, run, got)
         else:  # every run loads the config's batch and logs once per epoch
@@ -81,6 +85,24 @@ def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name
             assert (reg.model, reg.batch_per_rank, reg.epochs, reg.lr, reg.workers) == (
                 got["model"]["name"], got["data"]["batch_size"], got["train"]["epochs"],
                 got["optim"]["lr"], got["data"]["workers"]), run.key
+
+
+def equal_compute_run_spends_the_full_runs_flops(reg, run, got):
+    """The budget is the config's full-data run: its steps x 2 ranks x B rows trained, each
+    row's forward + backward, plus each rank's B x B logits (6 (2B)^2 d on each rank); the
+    epoch cap does not bind before it; no diagnostic scoring pass is paid for."""
+    row = nc.row_cost(reg.model)
+    k = nc.RANKS * reg.batch_per_rank
+    per_step = k * row.train + 6 * nc.RANKS * k * k * row.dim
+    assert got["train"]["max_flops"] == pytest.approx(base_steps(reg) * per_step, rel=1e-12)
+    if run.strategy == "full":  # the budget is spent exactly at the config's last step
+        assert got["train"]["epochs"] == reg.epochs
+    else:  # room for 1.5 x the steps that a step of the expected rows would pay for
+        kept = (run.ratio if run.strategy != "oracle" else 1 - run.noise) * k
+        scoring = k * row.score if run.strategy not in ("random", "oracle") else 0
+        steps = got["train"]["max_flops"] / (scoring + kept * row.train)
+        assert got["train"]["epochs"] * reg.steps_per_epoch > 1.5 * steps
+    assert got["train"]["diagnose_scores"] is False
 
 
 def base_steps(reg) -> int:
@@ -126,7 +148,8 @@ def test_a_regime_config_that_does_not_log_per_epoch_is_refused(tmp_path, monkey
 
 
 SCRIPTS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py")
-                 if p.stem not in ("__init__", "common", "nc_runner", "nc_report"))
+                 if p.stem not in ("__init__", "common", "nc_runner", "nc_report",
+                                   "nc_compute"))
 
 
 @pytest.mark.slow
@@ -315,3 +338,39 @@ def test_canary_validation_compares_canaries_with_the_ledger():
     assert got["epochs_with_auroc"] == 4
     assert got["auroc_mean_abs_diff"] == pytest.approx(0.02)
     assert got["auroc_correlation"] == pytest.approx(1.0)
+
+
+def test_the_equal_compute_report_states_what_each_strategy_needs_to_reach_the_others(
+        tmp_path):
+    """Synthetic runs with known curves: the table's budget shares and "never" follow from
+    them, and the figure is drawn."""
+    from benchmarks import nc_compute
+
+    reg = nc.REGIMES["compute"]
+    res: dict = {"runs": {}, "meta": {"regimes": {reg.name: dataclasses.asdict(reg)}}}
+    budget = 100.0
+    # (strategy, seed) -> metric at flops 25, 50, 75, 100
+    curves = {("full", 0): [0.2, 0.4, 0.5, 0.6], ("full", 1): [0.2, 0.3, 0.4, 0.5],
+              ("random", 0): [0.3, 0.6, 0.6, 0.7], ("random", 1): [0.3, 0.5, 0.55, 0.6],
+              ("dissect_momentum", 0): [0.1, 0.2, 0.3, 0.35],
+              ("dissect_momentum", 1): [0.1, 0.2, 0.3, 0.5]}
+    for (strategy, seed), ys in curves.items():
+        run = nc.Run(reg.name, strategy, strategy, reg.noise, 1.0, seed)
+        curve = [{"epoch": i, "step": i, "trained": 10 * i, "flops": 25.0 * i,
+                  "wall_s": 2.0 * i, "metric": y} for i, y in enumerate(ys, start=1)]
+        res["runs"][run.key] = {
+            **dataclasses.asdict(run), "key": run.key, "curve": curve, "final": ys[-1],
+            "best": max(ys), "steps": 4, "trained_samples": 40, "scored_samples": 0,
+            "flops": budget, "flops_score": 0.0, "train_wall_s": 8.0,
+            "kept_precision": [0.6], "dropped_noisy_recall": [0.5]}
+    text = nc_compute.table(res, reg.name)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+            if line.startswith("| ") and "strategy" not in line}
+    # random reaches full's final (0.6, 0.5) at half the budget with both seeds; full
+    # reaches random's (0.7, 0.6) never; dissect reaches full's only with seed 1, at the end
+    assert rows["random"].endswith("| 0.50 (2/2) | 1.00 (2/2) |")
+    assert rows["full"].endswith("| 1.00 (2/2) | never (0/2) |")
+    assert rows["dissect_momentum"].endswith("| 1.00 (1/2) | never (0/2) |")
+    assert "budget 1.000e+02 FLOPs" in text
+    path = nc_compute.plot(res, reg.name, tmp_path / "c.png")
+    assert path is not None and path.stat().st_size > 10_000
