@@ -97,11 +97,11 @@ def equal_compute_run_spends_the_full_runs_flops(reg, run, got):
     assert got["train"]["max_flops"] == pytest.approx(base_steps(reg) * per_step, rel=1e-12)
     if run.strategy == "full":  # the budget is spent exactly at the config's last step
         assert got["train"]["epochs"] == reg.epochs
-    else:  # room for 1.5 x the steps that a step of the expected rows would pay for
+    else:  # room for 1.2 x the steps that a step of the expected rows would pay for
         kept = (run.ratio if run.strategy != "oracle" else 1 - run.noise) * k
         scoring = k * row.score if run.strategy not in ("random", "oracle") else 0
         steps = got["train"]["max_flops"] / (scoring + kept * row.train)
-        assert got["train"]["epochs"] * reg.steps_per_epoch > 1.5 * steps
+        assert got["train"]["epochs"] * reg.steps_per_epoch > 1.2 * steps
     assert got["train"]["diagnose_scores"] is False
 
 
