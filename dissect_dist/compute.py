@@ -93,7 +93,8 @@ def step_cost(row: RowCost, loaded: list[int], kept: list[int], *, scored: bool,
 class Ledger:
     """The run's totals (checkpointed) and the current log window's sums."""
 
-    FIELDS = ("loaded", "scored", "trained", "flops_score", "flops_train", "wall_s")
+    FIELDS = ("loaded", "scored", "trained", "flops_score", "flops_train", "flops_reference",
+              "wall_s")
 
     def __init__(self) -> None:
         self.total = dict.fromkeys(self.FIELDS, 0.0)
@@ -108,9 +109,17 @@ class Ledger:
             d["flops_train"] += cost.flops_train
             d["wall_s"] += wall_s
 
+    def charge_reference(self, flops: float) -> None:
+        """A reference model's cost, paid once by a run that reads its scores: its
+        training and its scoring pass over the data set (launch/score.py records both)."""
+        self.total["flops_reference"] += flops
+        self.window["flops_reference"] += flops
+
     @property
     def flops(self) -> float:
-        return self.total["flops_score"] + self.total["flops_train"]
+        """Everything the run has paid for: scoring, training and any reference model."""
+        return (self.total["flops_score"] + self.total["flops_train"]
+                + self.total["flops_reference"])
 
     def take_window(self) -> dict[str, Any]:
         """The metrics of a train row: the window's sums and the run's totals."""

@@ -144,6 +144,11 @@ class SelectionConfig:
     # canary_share) and how it ranks them (key_auroc_rest_vs_canary); dissect_dist/canaries.py.
     # 0 = off; 0.005 costs half a percent of the data.
     canaries: float = 0.0
+    # Strategies learnability and reference_filter: the reference model's scores of every
+    # pair of data.train_manifest, a score-store snapshot written by launch/score.py (a
+    # path or URL). Read-only; its cost (recorded in the snapshot) is charged to the run's
+    # FLOPs (train.max_flops).
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         from dissect_dist.selection import REGISTRY
@@ -267,6 +272,11 @@ class RunConfig:
         _check(self.selection.strategy != "oracle" or bool(self.data.noise_ledger),
                "selection.strategy", "oracle keeps the pairs the noise ledger does not list: "
                "set data.noise_ledger (a benchmark arm; real data has no ledger)")
+        _check(self.selection.strategy not in ("learnability", "reference_filter")
+               or bool(self.selection.reference), "selection.reference",
+               f"strategy {self.selection.strategy} reads a reference model's scores: score "
+               "the manifest once with `deepspeed launch/score.py --config ... --model CKPT "
+               "--out URL` and set selection.reference=URL")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,17 @@ ids or low ranks.
                       then (hist - mean hist) - (curr - mean curr) Frozen
     oracle            Keep(not noisy): every pair the noise ledger   -
                       does not list, whatever r (a benchmark's ceiling)
+    learnability      ref - curr (ref missing: 0)                 reference, read-only
+    reference_filter  Keep(ref >= the (1 - r) quantile of ref over   reference, read-only
+                      the whole data set), no scoring pass
+
+`ref` is a pair's score by a reference model, scored once over the whole manifest by
+launch/score.py into a score-store snapshot (selection.reference) that the step reads
+through its own store with the Frozen rule. learnability is RHO-LOSS's and JEST's rule
+(Mindermann et al. 2022; Evans et al. 2024: learner loss - reference loss) on CLIPScores:
+DISSect's δ = hist - curr with the history taken from the reference instead of the run's
+own past. reference_filter is DataComp's CLIPScore filter (Gadre et al. 2023): keep the
+top r of the whole data set by the reference's score, once, and train on those pairs.
 """
 
 from __future__ import annotations
@@ -74,11 +85,21 @@ class Selection:
 
 
 class Ranking:
-    """What a strategy may ask of the step: the score store's exchange (history) and
-    means over the ranked batch."""
+    """What a strategy may ask of the step: the score store's exchange (history), the
+    reference scores, and means over the ranked batch."""
 
-    def __init__(self, scope: Scope, world_size: int, store: ScoreStore | None = None) -> None:
+    def __init__(self, scope: Scope, world_size: int, store: ScoreStore | None = None,
+                 reference: ScoreStore | None = None) -> None:
         self.scope, self.world_size, self.store = scope, world_size, store
+        self.reference = reference
+
+    def reference_scores(self, ids: torch.Tensor) -> torch.Tensor:
+        """Collective. (b,) the reference model's scores of ids (NaN: not scored)."""
+        if self.reference is None:
+            raise ValueError("this strategy reads reference scores: set selection.reference "
+                             "to a snapshot written by launch/score.py")
+        return self.reference.exchange(ids, torch.zeros(ids.shape, device=ids.device),
+                                       Frozen())
 
     def exchange(self, ids: torch.Tensor, curr: torch.Tensor, rule: UpdateRule) -> torch.Tensor:
         """Collective. (b,) historical scores of ids before this step (NaN: never scored);
@@ -100,6 +121,7 @@ class Strategy(Protocol):
     needs_scores: bool  # does the step run the no-grad scoring pass?
     needs_loss: bool  # does it need the per-sample loss?
     needs_store: bool  # does it keep a history in the score store?
+    needs_reference: bool  # does it read a reference model's scores (selection.reference)?
 
     def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
         """(b,) keys, higher = keep (collective for store-backed strategies), or RANDOM or
@@ -111,6 +133,7 @@ class _Defaults:
     needs_scores = False
     needs_loss = False
     needs_store = False
+    needs_reference = False
 
 
 class Full(_Defaults):
@@ -212,6 +235,69 @@ class Oracle(_Defaults):
         return Keep(~self.noisy[batch.ids])
 
 
+class Learnability(_Defaults):
+    """key = ref - curr: high where the reference model matches the pair and the current
+    model does not yet (learnable, not noise). A pair the reference did not score
+    (undecodable there) gets key 0."""
+
+    needs_scores = True
+    needs_reference = True
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
+        assert batch.curr is not None
+        ref = ranking.reference_scores(batch.ids)
+        return torch.where(torch.isnan(ref), 0.0, ref - batch.curr)
+
+
+class ReferenceFilter(_Defaults):
+    """Keep the pairs whose reference score is in the top `ratio` of the whole data set
+    (the threshold found once, exactly, from every rank's share of the reference store),
+    with no scoring pass: DataComp's CLIPScore filter, applied as the data streams by.
+    Each step trains the batch's pairs above the threshold (about r of it; ties at the
+    threshold are kept). A pair the reference did not score is dropped."""
+
+    needs_reference = True
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+        self.threshold: float | None = None
+
+    def keys(self, batch: ScoredBatch, ranking: Ranking) -> Keys:
+        if self.threshold is None:
+            assert ranking.reference is not None
+            self.threshold = reference_threshold(ranking.reference, self.ratio)
+        ref = ranking.reference_scores(batch.ids)
+        return Keep(ref >= self.threshold)  # NaN compares False: dropped
+
+
+def reference_threshold(store: ScoreStore, ratio: float) -> float:
+    """Collective. The largest fp16 value t with at least round(ratio x scored) of the
+    store's scored values >= t: the top-`ratio` threshold, exact, from every rank's
+    count per distinct fp16 value of its own range (at most 65,536 counts, all-gathered
+    once; nothing per sample travels)."""
+    import numpy as np
+
+    v = store.values.detach().cpu()
+    finite = v[torch.isfinite(v)].float()
+    # fp16 -> its float value's order: count per distinct value through the sorted set
+    # of all 65,536 fp16 values
+    table = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(
+        torch.float16).float()
+    table = torch.from_numpy(np.unique(table[torch.isfinite(table)].numpy()))  # -0 = +0
+    idx = torch.searchsorted(table, finite)
+    counts = torch.bincount(idx, minlength=table.numel()).to(torch.float64)
+    if store.comm.world_size > 1:
+        counts = torch.as_tensor(np.sum(store.comm.all_gather_object(counts.numpy()), axis=0))
+    total = float(counts.sum())
+    if total == 0:
+        raise ValueError("the reference store has no scored pair: score the manifest with "
+                         "launch/score.py first")
+    want = max(1.0, round(ratio * total))
+    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # values >= table[i]
+    i = int(torch.nonzero(above >= want)[-1])
+    return float(table[i])
+
+
 REGISTRY: dict[str, Callable[..., Strategy]] = {
     "full": lambda **kw: Full(),
     "random": lambda **kw: RandomSel(),
@@ -222,6 +308,9 @@ REGISTRY: dict[str, Callable[..., Strategy]] = {
     "dissect_warmup": lambda warmup_epochs, warmup_train, **kw: DissectWarmup(
         warmup_epochs, warmup_train),
     "oracle": lambda noisy=None, **kw: Oracle(noisy),
+    "learnability": lambda **kw: Learnability(),
+    "reference_filter": lambda ratio=None, **kw: ReferenceFilter(
+        ratio if ratio is not None else 0.3),
 }
 
 
@@ -252,7 +341,8 @@ class Selector:
 
     def __init__(self, strategy: Strategy, ratio: float, scope: Scope, rank: int,
                  world_size: int, seed: int, max_rows: int | None = None,
-                 store: ScoreStore | None = None) -> None:
+                 store: ScoreStore | None = None, reference: ScoreStore | None = None
+                 ) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"selection.ratio={ratio}: need 0 < r <= 1")
         if scope not in ("global", "local"):
@@ -260,7 +350,11 @@ class Selector:
         if strategy.needs_store and store is None:
             raise ValueError(f"{type(strategy).__name__} keeps a history of scores: give "
                              "the Selector a ScoreStore (store=...)")
+        if strategy.needs_reference and reference is None:
+            raise ValueError(f"{type(strategy).__name__} reads a reference model's scores: "
+                             "give the Selector the reference store (reference=...)")
         self.strategy, self.ratio, self.scope, self.store = strategy, ratio, scope, store
+        self.reference = reference
         self.rank, self.world_size = rank, world_size
         if max_rows is not None and not 0 < max_rows < 2**24:
             raise ValueError(f"max_rows={max_rows}: need 0 < max_rows < 2**24")
@@ -271,7 +365,8 @@ class Selector:
             seed if scope == "global" else seed * 1_000_003 + rank)
 
     def select(self, batch: ScoredBatch) -> Selection:
-        keys = self.strategy.keys(batch, Ranking(self.scope, self.world_size, self.store))
+        keys = self.strategy.keys(batch, Ranking(self.scope, self.world_size, self.store,
+                                                 self.reference))
         b = batch.ids.shape[0]
         if keys is KEEP_ALL:
             return Selection(torch.ones(b, dtype=torch.bool, device=batch.ids.device), None)

@@ -91,10 +91,12 @@ class Trainer:
         self.selector = Selector(
             build_strategy(s.strategy, beta=s.beta, first_sight=s.first_sight,
                            warmup_epochs=s.warmup_epochs, warmup_train=s.warmup_train,
+                           ratio=s.ratio,
                            noisy=torch.from_numpy(self._noisy()) if s.strategy == "oracle"
                            and cfg.data.noise_ledger else None),
             s.ratio, s.scope, self.rank, self.world, cfg.train.seed,
-            max_rows=cfg.data.batch_size, store=self._new_store())
+            max_rows=cfg.data.batch_size, store=self._new_store(),
+            reference=self._reference_store())
         # A resume with another world size, or of a checkpoint cut in another flat layout
         # (checkpoint.LAYOUT), under ZeRO 1/2 loads the optimizer state per parameter
         # through DeepSpeed's universal checkpoint format (see checkpoint.universal_dir).
@@ -154,6 +156,25 @@ class Trainer:
     def _new_store(self) -> ScoreStore:
         return ScoreStore(self.manifest.total, self.comm, device=self.device,
                           seed=self.cfg.train.seed)
+
+    def _reference_store(self) -> ScoreStore | None:
+        """The reference scores (selection.reference) of a strategy that reads them, on a
+        fresh start with their cost charged to the ledger (a resume restores the ledger)."""
+        s = self.cfg.selection
+        if not s.reference or s.strategy not in ("learnability", "reference_filter"):
+            return None
+        ref = ScoreStore.load(s.reference, self.comm, n=self.manifest.total,
+                              device=self.device)
+        extra = dict(ref.loaded_record.extra) if ref.loaded_record is not None else {}
+        want = self.manifest.fingerprint()
+        if extra.get("manifest_fingerprint") != want:
+            raise ValueError(
+                f"selection.reference={s.reference} scores manifest "
+                f"{extra.get('manifest_fingerprint')!r}, this run trains on {want!r} "
+                f"({self.cfg.data.train_manifest}): score this manifest with launch/score.py")
+        self.ledger.charge_reference(float(extra.get("flops_scoring", 0.0))
+                                     + float(extra.get("flops_model", 0.0)))
+        return ref
 
     def _noisy(self) -> np.ndarray:
         """(N,) bool by sample id: the noise ledger's pairs (data.noise_ledger)."""

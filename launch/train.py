@@ -27,21 +27,7 @@ from typing import Any, NoReturn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dissect_dist.config import ConfigError, load_config, validate_environment  # noqa: E402
-
-
-def _release_cpu_comm_workspace() -> None:
-    """DeepSpeed 0.19.8's CPU comm op maps a 66 MB /dev/shm segment per rank and never
-    unlinks it: every launch leaked 132 MB (2 ranks) of RAM until /dev/shm filled memory.
-    Unlink this rank's at exit (the other ranks' mappings stay valid). A run killed with
-    SIGKILL still leaves its segments: rm /dev/shm/deepspeed_allreduce_buffer_*."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    rank = os.environ.get("LOCAL_RANK")
-    if addr and port and rank is not None:
-        name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
+from dissect_dist.launching import release_cpu_comm_workspace  # noqa: E402
 
 
 def main() -> int:
@@ -110,7 +96,7 @@ def main() -> int:
     finally:
         if heartbeat is not None:
             heartbeat.stop()
-        _release_cpu_comm_workspace()
+        release_cpu_comm_workspace()
     if trainer.rank == 0:
         print(json.dumps({"final": final, "step": trainer.step}), flush=True)
     # Left to interpreter teardown, the process group's C++ threads were sometimes
@@ -151,7 +137,7 @@ def _end_now(status: int) -> NoReturn:
     """End this rank at once with `status` (from any thread: its main thread may be
     blocked in a collective or a read that will not return)."""
     sys.stderr.flush()
-    _release_cpu_comm_workspace()
+    release_cpu_comm_workspace()
     os._exit(status)
 
 

@@ -45,7 +45,8 @@ def test_keys_return_a_tensor_of_keys_or_a_sentinel(name, epoch, kind):
 
 def test_every_registered_strategy_is_covered_above():
     assert set(REGISTRY) == {"full", "random", "clipscore", "small_loss", "big_loss",
-                             "dissect_momentum", "dissect_warmup", "oracle"}
+                             "dissect_momentum", "dissect_warmup", "oracle",
+                             "learnability", "reference_filter"}
 
 
 def test_the_oracle_keeps_exactly_the_pairs_the_ledger_does_not_list():
@@ -145,3 +146,37 @@ def test_gather_rows_concatenates_uneven_ranks_with_counts_flags_and_own_gradien
 def test_gather_rows_refuses_features_in_the_one_collective_form():
     with pytest.raises(ValueError, match="1-D rows"):
         gather_rows(torch.zeros(2, 3), 2, max_rows=4)
+
+
+def _reference(values: list[float]) -> ScoreStore:
+    ref = ScoreStore(len(values))
+    ref.values[:] = torch.tensor(values, dtype=torch.float16)
+    return ref
+
+
+def test_learnability_ranks_by_reference_minus_current_score():
+    ref = _reference([30.0, 10.0, float("nan"), 25.0, 5.0, 40.0])
+    sel = Selector(build_strategy("learnability"), 0.5, "global", 0, 1, seed=0, reference=ref)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5])
+    curr = torch.tensor([20.0, 15.0, 1.0, 24.0, 30.0, 10.0])
+    out = sel.select(ScoredBatch(ids, curr, None, 0))
+    assert out.key.tolist() == [10.0, -5.0, 0.0, 1.0, -25.0, 30.0]  # unscored: 0
+    assert out.keep.tolist() == [True, False, False, True, False, True]
+    assert ref.values.nan_to_num(-1).tolist() == [30.0, 10.0, -1, 25.0, 5.0, 40.0]  # read-only
+    with pytest.raises(ValueError, match="reference store"):
+        Selector(build_strategy("learnability"), 0.5, "global", 0, 1, seed=0)
+
+
+def test_reference_filter_keeps_the_top_share_of_the_whole_data_set():
+    """The threshold is the data set's, not the batch's: a batch of low-scoring pairs keeps
+    none of them, whatever r."""
+    vals = [float(v) for v in range(100)]  # scores 0..99; the top 30% are 70..99
+    vals[7] = float("nan")  # unscored: dropped, and not counted in the share
+    ref = _reference(vals)
+    strat = build_strategy("reference_filter", ratio=0.3)
+    sel = Selector(strat, 0.3, "global", 0, 1, seed=0, reference=ref)
+    out = sel.select(ScoredBatch(torch.tensor([69, 70, 99, 7, 3, 85]), None, None, 0))
+    assert strat.threshold == 70.0  # 30 of the 99 scored values are >= 70 (round(29.7))
+    assert out.keep.tolist() == [False, True, True, False, False, True] and out.key is None
+    low = sel.select(ScoredBatch(torch.arange(0, 10), None, None, 0))
+    assert not low.keep.any()

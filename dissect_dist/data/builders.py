@@ -163,6 +163,29 @@ def build_fashion_mnist(out: str, *, noise: float, seed: int = 0, subset: int | 
     return {"train": train.total, "test": test.total, "noisy": len(noisy_ids), "out": str(root)}
 
 
+def build_fashion_mnist_reference(out: str, *, subset: int, size: int, seed: int = 0,
+                                  shard_size: int = 1000, source: str = FASHION_MNIST_DIR
+                                  ) -> dict[str, Any]:
+    """`size` clean pairs (every caption names its image's class) drawn from Fashion-MNIST's
+    training split after the `subset` that build_fashion_mnist(seed=seed, subset=subset)
+    uses (the same permutation), so none of them is a training pair: the data a reference
+    model is trained on. OUT/manifest.json; captions from the same templates."""
+    src = Path(source)
+    images = _read_idx(src / "train-images-idx3-ubyte.gz")
+    labels = _read_idx(src / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    order = np.random.default_rng(seed).permutation(labels.size)[subset:subset + size]
+    if order.size < size:
+        raise ValueError(f"{size} reference pairs after {subset} training pairs exceed the "
+                         f"{labels.size} of Fashion-MNIST's training split")
+    rng = np.random.default_rng([seed, 1])  # the captions' templates
+    w = ShardWriter(Path(out), shard_size)
+    for src_i in order:
+        caption = FASHION_TEMPLATES[rng.integers(len(FASHION_TEMPLATES))].format(
+            FASHION_CLASSES[int(labels[src_i])])
+        w.write(_png(images[src_i]), "png", caption, {"source_index": int(src_i)})
+    return {"pairs": w.finish().total, "out": out}
+
+
 # ------------------------------------------------------------------ icons
 def icon_fonts() -> list[tuple[Path, Path]]:
     """(ttf, charmap json) pairs shipped in the qtawesome wheel (read as files: the
