@@ -43,10 +43,11 @@ class LaunchFailed(RuntimeError):
 
 
 def launch(overrides: list[str], *, what: str, log: Path, ranks: int = 2,
-           config: str | Path | None = None, omp_threads: int | None = 1) -> Launched:
+           config: str | Path | None = None, omp_threads: int | None = 1,
+           script: str = "train.py", args: list[str] | None = None) -> Launched:
     """`run_training`, raising LaunchFailed (naming `what` and the log) if it fails."""
     r = run_training(overrides, ranks=ranks, config=None if config is None else str(config),
-                     log=log, omp_threads=omp_threads)
+                     log=log, omp_threads=omp_threads, script=script, args=args or [])
     if r.returncode != 0:
         raise LaunchFailed(f"{what} failed (exit {r.returncode}); log: {log}\n"
                            f"{r.output[-3000:]}")

@@ -40,9 +40,13 @@ if __package__:
 else:  # run as a file: python benchmarks/<script>.py
     import common  # type: ignore[no-redef]
 
+import numpy as np
+
 from dissect_dist import compute
 from dissect_dist.config import SelectionConfig, load_config
+from dissect_dist.metrics import auroc
 from dissect_dist.selection import build_strategy
+from store import ScoreStore, SnapshotLocation
 
 REPO = common.REPO
 CONFIGS = REPO / "launch" / "configs"
@@ -50,7 +54,12 @@ CONFIGS = REPO / "launch" / "configs"
 ALL = ["full", "random", "clipscore", "small_loss", "big_loss", "dissect_momentum",
        "dissect_warmup"]
 # The order of the tables' rows: the strategies, then the equal-compute regimes' ceiling.
-ORDER = [*ALL, "oracle"]
+ORDER = [*ALL, "learnability", "reference_filter", "oracle"]
+# Strategies that read a reference model's scores (selection.reference).
+REFERENCE = ("learnability", "reference_filter")
+# The reference model of a run (`reference`): trained on this share of the regime's pairs,
+# clean and disjoint from them, for REF_EPOCHS epochs at batch REF_BATCH per rank.
+REF_SHARE, REF_EPOCHS, REF_BATCH = 0.1, 100, 16
 # Variant rows of the main table: (label, strategy, extra overrides)
 VARIANTS = [("dissect_momentum[first_sight=zero]", "dissect_momentum",
              {"selection.first_sight": "zero"}),
@@ -191,6 +200,7 @@ _POOL_FOUR = ("full", "random", "dissect_warmup", "dissect_momentum")
 _COMPUTE = dict(main_strategies=("full", "random", "clipscore", "dissect_momentum",
                                  "dissect_warmup", "oracle"), variants=False,
                 noise_sweep=(), ratio_sweep=(), equal_compute=True)
+_COMPUTE_REF = {**_COMPUTE, "main_strategies": (*_COMPUTE["main_strategies"], *REFERENCE)}
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
                                    main_strategies=("full", "random", "dissect_momentum"),
                                    variants=False)
@@ -213,7 +223,7 @@ REGIMES = {
                               seeds=(0, 1), main_strategies=_POOL_FOUR, variants=False,
                               noise_sweep=(), ratio_sweep=()),
     # memorise's data and trainer settings, every run spending full's FLOPs
-    "compute": load_regime("compute", subset=500, **_COMPUTE),
+    "compute": load_regime("compute", subset=500, **_COMPUTE_REF),
     # icons' data and settings, every run spending full's FLOPs
     "icons-compute": load_regime("icons-compute", data="icons", subset=2000, **_COMPUTE),
     # the test suite's smoke run of the pool code path
@@ -313,8 +323,10 @@ def dataset(reg: Regime, noise: float, root: Path) -> Path:
     return d
 
 
-def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
-    """What a run sets on top of its regime's run config."""
+def overrides(reg: Regime, run: Run, data: Path, run_dir: Path,
+              reference: Path | None = None) -> list[str]:
+    """What a run sets on top of its regime's run config (`reference`: the reference
+    scores of a strategy in REFERENCE)."""
     pool: dict[str, Any] = {}
     if reg.pool:
         p = pool_settings(reg, run.strategy, run.ratio)
@@ -333,6 +345,7 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
            else {"data.zeroshot_dir": str(data)}),
         "selection.strategy": run.strategy, "selection.ratio": run.ratio,
         "train.seed": run.seed, "train.run_dir": str(run_dir),
+        **({"selection.reference": str(reference)} if reference is not None else {}),
         # full-data runs are the memorisation diagnostic: score every batch (not at equal
         # compute, where its wall time would count)
         "train.diagnose_scores": run.strategy == "full",
@@ -342,12 +355,19 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-def train(reg: Regime, run: Run, data: Path, runs_root: Path) -> dict[str, Any]:
+def train(reg: Regime, run: Run, data: Path, runs_root: Path,
+          data_root: Path | None = None) -> dict[str, Any]:
+    ref: dict[str, Any] = {}
+    scores = None
+    if run.strategy in REFERENCE:
+        scores, ref = reference(reg, run.seed, run.noise, data, data_root or data.parent,
+                                runs_root)
     run_dir = runs_root / run.dir_name
     shutil.rmtree(run_dir, ignore_errors=True)
-    r = common.launch(overrides(reg, run, data, run_dir), what=run.key, ranks=RANKS,
+    r = common.launch(overrides(reg, run, data, run_dir, scores), what=run.key, ranks=RANKS,
                       config=reg.config, log=run_dir / "launch.log")
     res = summarise(common.read_metrics(run_dir), reg, run.strategy, run.ratio)
+    res.update(ref)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics are what we keep
     return {**dataclasses.asdict(run), "key": run.key, "wall_s": r.wall_s,
             "code": common.code_version(), **res}
@@ -385,6 +405,52 @@ def epoch_cap(reg: Regime, strategy: str, ratio: float, noise: float) -> int:
                              scored=_needs_scores(strategy), per_sample_loss=False)
     return math.ceil(flop_budget(reg) / (step.flops_score + step.flops_train)
                      / reg.steps_per_epoch) + 1
+
+
+def reference(reg: Regime, seed: int, noise: float, data: Path, data_root: Path,
+              runs_root: Path) -> tuple[Path, dict[str, Any]]:
+    """The reference scores of the regime's training pairs for runs of `seed` (made once,
+    then reused): a model trained with `full` on REF_SHARE x subset clean pairs that are
+    not training pairs, exported, and its scores of every training pair (launch/score.py).
+    Returns the snapshot and what the run's summary records of it."""
+    from dissect_dist.data.builders import build_fashion_mnist_reference
+
+    if reg.data != "fmnist":
+        raise ValueError(f"regime {reg.name}: reference models are built for fmnist data only")
+    size = round(REF_SHARE * reg.subset)
+    ref_data = data_root / f"fmnist-reference-{reg.subset}-{size}"
+    if not (ref_data / "manifest.json").exists():
+        tmp = ref_data.with_name(ref_data.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_fashion_mnist_reference(str(tmp), subset=reg.subset, size=size, seed=0)
+        tmp.rename(ref_data)
+    run_dir = runs_root / f"{reg.name}__reference__seed{seed}"
+    model = run_dir / "open_clip_model.pt"
+    if not model.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        common.launch([f"data.train_manifest={ref_data}/manifest.json",
+                       "data.noise_ledger=null", f"data.zeroshot_dir={data}",
+                       f"data.batch_size={REF_BATCH}", "selection.strategy=full",
+                       f"train.epochs={REF_EPOCHS}", "train.log_every=10",
+                       f"train.eval_every={REF_EPOCHS * (size // (RANKS * REF_BATCH))}",
+                       f"train.seed={seed}", f"train.run_dir={run_dir}"],
+                      what=f"{reg.name} reference model, seed {seed}", ranks=RANKS,
+                      config=reg.config, log=run_dir / "launch.log")
+    scores = data_root / f"{data.name}-reference-scores-seed{seed}"
+    common.launch([f"data.train_manifest={data}/train/manifest.json"],
+                  what=f"{reg.name} reference scores, seed {seed}", ranks=RANKS,
+                  config=reg.config, log=run_dir / "score.log", script="score.py",
+                  args=["--model", str(model), "--out", str(scores)])
+    rows = common.read_metrics(run_dir)
+    acc = [x["zeroshot_acc"] for x in rows if x["kind"] == "eval"]
+    extra = dict(SnapshotLocation(str(scores)).read_commit(0).extra)
+    ref_scores = ScoreStore.load(str(scores)).local_numpy().astype("float64")
+    noisy = np.zeros(ref_scores.size, dtype=bool)
+    noisy[np.load(data / "train" / "noise_ledger.npy")] = True
+    return scores, {"reference": {
+        "pairs": size, "epochs": REF_EPOCHS, "zeroshot_acc": acc[-1] if acc else None,
+        "flops_model": extra["flops_model"], "flops_scoring": extra["flops_scoring"],
+        "auroc_clean_vs_noisy": auroc(ref_scores, ~noisy)}}
 
 
 def steps_per_epoch(reg: Regime, strategy: str, ratio: float) -> int:

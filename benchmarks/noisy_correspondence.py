@@ -35,7 +35,9 @@ benchmarks/README.md says how they were chosen and sized):
   compute   (`--regime compute`) memorise's data and settings at equal compute: every run
             trains until it has spent the FLOPs of the full-data run (train.max_flops),
             3 seeds of full / random / clipscore / dissect_momentum / dissect_warmup /
-            oracle (the ledger's clean pairs at no cost: the ceiling). tiny-cpu.yaml
+            learnability / reference_filter (a reference model trained on 50 clean
+            held-out pairs, its training and scoring paid from the budget) / oracle (the
+            ledger's clean pairs at no cost: the ceiling). tiny-cpu.yaml
   icons-compute  (`--regime icons-compute`) the same on icons' 2000-icon data. nc-icons.yaml
 Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split, icon runs
 by image<->text retrieval R@1 on the held-out icons (mean of both directions).
@@ -119,7 +121,7 @@ def run_grid(res: dict, names: list[str], out: Path, data_root: Path, runs_root:
         reg = REGIMES[run.regime]
         data = nc_runner.dataset(reg, run.noise, data_root)
         print(f"[nc] ({i + 1}/{len(todo)}, {spent:.1f} min) {run.key} ...", flush=True)
-        r = nc_runner.train(reg, run, data, runs_root)
+        r = nc_runner.train(reg, run, data, runs_root, data_root)
         res["runs"][run.key] = r
         meta = res.setdefault("meta", {"regimes": {}})
         meta["regimes"].update({n: dataclasses.asdict(REGIMES[n]) for n in names})

@@ -157,16 +157,18 @@ DEFAULT_LAUNCH_TIMEOUT_S = 3 * 3600.0
 
 def run_training(overrides: list[str], *, ranks: int = 2, config: str | None = None,
                  log: Path | None = None, omp_threads: int | None = 1,
-                 timeout_s: float = DEFAULT_LAUNCH_TIMEOUT_S) -> Launched:
-    """`deepspeed --num_gpus RANKS launch/train.py [--config C] OVERRIDES` on this machine;
+                 timeout_s: float = DEFAULT_LAUNCH_TIMEOUT_S, script: str = "train.py",
+                 args: Iterable[str] = ()) -> Launched:
+    """`deepspeed --num_gpus RANKS launch/SCRIPT [--config C] ARGS OVERRIDES` on this machine
+    (SCRIPT: train.py, or score.py with ARGS --model M --out URL);
     the launcher's output goes to `log` when given. `omp_threads` intra-op threads per rank
     (1: the CPU ranks share the cores; None: keep the environment's, for GPU runs whose
     host threads should not be capped). A launch still running after `timeout_s` is
     killed with its ranks and returns status 124, its output ending in each rank's
     stacks."""
     cmd = [*_launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(REPO / "launch" / "train.py"), *(["--config", config] if config else []),
-           *overrides]
+           str(REPO / "launch" / script), *(["--config", config] if config else []),
+           *args, *overrides]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     if omp_threads is not None:

@@ -64,12 +64,14 @@ def test_a_benchmark_run_is_its_regime_config_plus_only_what_the_run_varies(name
     base = load_config(str(reg.config), []).to_dict()
     runs = [r for phase in nc.grid(reg) for r in phase]
     for run in runs:  # full, selection and variant rows (whose extra keys are their own)
+        ref = tmp_path / "scores" if run.strategy in nc.REFERENCE else None
         got = load_config(str(reg.config),
-                          nc.overrides(reg, run, tmp_path / "d", tmp_path / "r")).to_dict()
+                          nc.overrides(reg, run, tmp_path / "d", tmp_path / "r", ref)).to_dict()
         changed = {f"{s}.{k}" for s in base for k in base[s] if base[s][k] != got[s][k]}
         assert changed <= {"data.train_manifest", "data.noise_ledger", "data.zeroshot_dir",
                            "data.retrieval_manifest", "selection.strategy", "selection.ratio",
                            "train.seed", "train.run_dir", "train.diagnose_scores",
+                           *(("selection.reference",) if ref is not None else ()),
                            *(POOL_KEYS if reg.pool else ()), *dict(run.extra),
                            *(("train.max_flops", "train.epochs") if reg.equal_compute
                              else ())}, run.key
