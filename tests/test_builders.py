@@ -16,6 +16,7 @@ from dissect_dist.data.builders import (
     FASHION_CLASSES,
     _read_idx,
     build_fashion_mnist,
+    build_fashion_mnist_reference,
     build_from_folder,
     build_icons,
 )
@@ -57,6 +58,23 @@ def test_fashion_mnist_noise_ledger_marks_exactly_the_swapped_captions(tmp_path:
     test = Manifest.load(str(tmp_path / "test" / "manifest.json"))
     assert test.total == 10_000
     assert json.loads((tmp_path / "classes.json").read_text())["classes"] == FASHION_CLASSES
+
+
+def test_fashion_mnist_reference_pairs_are_clean_and_not_training_pairs(tmp_path: Path):
+    build_fashion_mnist(str(tmp_path / "d"), noise=0.4, seed=0, subset=300, shard_size=1000)
+    build_fashion_mnist_reference(str(tmp_path / "r"), subset=300, size=60, seed=0)
+    train = _samples(Manifest.load(str(tmp_path / "d" / "train" / "manifest.json")))
+    ref = _samples(Manifest.load(str(tmp_path / "r" / "manifest.json")))
+    src = {json.loads(s["json"])["source_index"] for s in train}
+    labels = _read_idx(Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"))
+    assert len(ref) == 60
+    for s in ref:
+        i = json.loads(s["json"])["source_index"]
+        assert i not in src  # held out from training
+        caption = s["txt"].decode()
+        named = [c for c in FASHION_CLASSES if f" {c} " in f" {caption[:-1]} "
+                 or caption.endswith(f" {c}.")]
+        assert named == [FASHION_CLASSES[labels[i]]], caption  # clean
 
 
 def test_icons_have_instance_captions_a_heldout_split_and_a_ledger(tmp_path: Path):
