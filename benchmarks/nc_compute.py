@@ -76,22 +76,31 @@ def table(res: dict[str, Any], regime: str) -> str:
     lines = [
         f"### Regime `{regime}`: equal compute (budget {budget:.3e} FLOPs, full's; seeds "
         f"{seeds}; mean ± std)", "",
-        f"| strategy | runs | steps | rows trained | pairs scored | scoring share of FLOPs | "
-        f"FLOPs / budget | train wall s | {what} final | {what} best | kept precision | "
-        f"noisy dropped | budget to reach full's final | to reach random's final |",
+        f"| strategy | runs | steps | rows trained | pairs scored | FLOPs share: scoring / "
+        f"reference | FLOPs / budget | train wall s | {what} final | {what} best | kept "
+        f"precision | noisy dropped | budget to reach full's final | to reach random's final |",
         "|" + "---|" * 14]
     for s, rs in by.items():
         lines.append(
             f"| {s} | {len(rs)} | {_ms([r['steps'] for r in rs], '.0f')} | "
             f"{_ms([r['trained_samples'] for r in rs], '.0f')} | "
             f"{_ms([r['scored_samples'] for r in rs], '.0f')} | "
-            f"{_ms([(r['flops_score'] or 0) / r['flops'] for r in rs], '.2f')} | "
+            f"{_ms([(r['flops_score'] or 0) / r['flops'] for r in rs], '.2f')} / "
+            f"{_ms([(r.get('flops_reference') or 0) / r['flops'] for r in rs], '.2f')} | "
             f"{_ms([r['flops'] / budget for r in rs], '.3f')} | "
             f"{_ms([r['train_wall_s'] for r in rs], '.0f')} | "
             f"{_ms([r['final'] for r in rs])} | {_ms([r['best'] for r in rs])} | "
             f"{_ms([mean_logged(r['kept_precision']) for r in rs])} | "
             f"{_ms([mean_logged(r['dropped_noisy_recall']) for r in rs])} | "
             f"{_reach(rs, by['full'], budget)} | {_reach(rs, by.get('random', []), budget)} |")
+    refs = {r["seed"]: r["reference"] for rs in by.values() for r in rs if r.get("reference")}
+    for seed, ref in sorted(refs.items()):
+        lines.append(
+            f"\nReference model, seed {seed}: {ref['pairs']} clean held-out pairs, "
+            f"{ref['epochs']} epochs, held-out {what} {ref['zeroshot_acc']:.3f}; its scores "
+            f"separate clean from noisy training pairs with AUROC "
+            f"{ref['auroc_clean_vs_noisy']:.3f}; cost {ref['flops_model'] / budget:.3f} "
+            f"(training) + {ref['flops_scoring'] / budget:.4f} (scoring) of the budget.")
     return "\n".join(lines) + "\n"
 
 
