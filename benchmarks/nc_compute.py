@@ -25,15 +25,20 @@ AXES = (("trained", "rows trained"), ("flops", "FLOPs (scoring + training)"),
         ("wall_s", "training wall s (loading included, evaluation excluded)"))
 
 
-def _runs(res: dict[str, Any], regime: str) -> dict[str, list[dict[str, Any]]]:
-    """The regime's main-table runs by strategy, in ORDER's order, each sorted by seed."""
+def _runs(res: dict[str, Any], regime: str, noise: float | None = None
+          ) -> dict[str, list[dict[str, Any]]]:
+    """The regime's runs at `noise` (the regime's) by label: the strategies in ORDER's
+    order, then their variants (e.g. a cheaper scoring pass); each sorted by seed."""
+    if noise is None:
+        noise = res["meta"]["regimes"][regime]["noise"]
     out: dict[str, list[dict[str, Any]]] = {}
     for r in res["runs"].values():
-        if r["regime"] == regime and r["label"] == r["strategy"]:
-            out.setdefault(r["strategy"], []).append(r)
+        if r["regime"] == regime and r["noise"] == noise:
+            out.setdefault(r["label"], []).append(r)
     order = {s: i for i, s in enumerate(ORDER)}
     return {s: sorted(out[s], key=lambda r: r["seed"])
-            for s in sorted(out, key=lambda s: order.get(s, len(order)))}
+            for s in sorted(out, key=lambda s: (order.get(s.split("[")[0], len(order)),
+                                                 "[" in s, s))}
 
 
 def _ms(xs: list[float], fmt: str = ".3f") -> str:
@@ -66,16 +71,17 @@ def _reach(runs: list[dict[str, Any]], refs: list[dict[str, Any]], budget: float
     return f"{np.mean(hit):.2f} ({len(hit)}/{len(got)})"
 
 
-def table(res: dict[str, Any], regime: str) -> str:
-    by = _runs(res, regime)
+def table(res: dict[str, Any], regime: str, noise: float | None = None) -> str:
+    by = _runs(res, regime, noise)
     if "full" not in by:
         return f"(regime {regime}: no finished full-data run yet)\n"
+    noise = by["full"][0]["noise"]
     budget = float(np.mean([r["flops"] for r in by["full"]]))
     what = METRICS[res["meta"]["regimes"][regime]["data"]][1]
     seeds = sorted({r["seed"] for rs in by.values() for r in rs})
     lines = [
-        f"### Regime `{regime}`: equal compute (budget {budget:.3e} FLOPs, full's; seeds "
-        f"{seeds}; mean ± std)", "",
+        f"### Regime `{regime}`, noise {noise:g}: equal compute (budget {budget:.3e} "
+        f"FLOPs, full's; seeds {seeds}; mean ± std)", "",
         f"| strategy | runs | steps | rows trained | pairs scored | FLOPs share: scoring / "
         f"reference | FLOPs / budget | train wall s | {what} final | {what} best | kept "
         f"precision | noisy dropped | budget to reach full's final | to reach random's final |",
@@ -119,7 +125,7 @@ def plot(res: dict[str, Any], regime: str, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = _runs(res, regime)
+    by = {k: v for k, v in _runs(res, regime).items() if "[" not in k}
     if "full" not in by:
         return None
     what = METRICS[res["meta"]["regimes"][regime]["data"]][1]
@@ -149,6 +155,10 @@ def plot(res: dict[str, Any], regime: str, out: Path) -> Path | None:
 
 def report(res: dict[str, Any], regime: str, prefix: Path) -> None:
     print(table(res, regime))
+    main = res["meta"]["regimes"][regime]["noise"]
+    for noise in sorted({r["noise"] for r in res["runs"].values()
+                         if r["regime"] == regime and r["noise"] != main}):
+        print(table(res, regime, noise))
     path = plot(res, regime, prefix.parent / prefix.name / f"{regime}_equal_compute.png")
     if path is not None:
         print(f"[nc] wrote {path}")

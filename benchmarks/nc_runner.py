@@ -110,6 +110,10 @@ class Regime:
     # other values tried, one seed each (the paper leaves both to tuning)
     warmup_sweep: tuple[float, ...] = ()
     beta_sweep: tuple[float, ...] = ()
+    # selection.score_patch_dropout values tried on these strategies (one seed each): the
+    # cheap scoring pass
+    score_dropout_sweep: tuple[float, ...] = ()
+    score_dropout_strategies: tuple[str, ...] = ()
     # see the module docstring: selection runs load a pool of B / r and train B
     pool: bool = False
     # see the module docstring: every run spends the FLOPs of the config's full-data run
@@ -200,7 +204,9 @@ _POOL_FOUR = ("full", "random", "dissect_warmup", "dissect_momentum")
 _COMPUTE = dict(main_strategies=("full", "random", "clipscore", "dissect_momentum",
                                  "dissect_warmup", "oracle"), variants=False,
                 noise_sweep=(), ratio_sweep=(), equal_compute=True)
-_COMPUTE_REF = {**_COMPUTE, "main_strategies": (*_COMPUTE["main_strategies"], *REFERENCE)}
+_COMPUTE_REF = {**_COMPUTE, "main_strategies": (*_COMPUTE["main_strategies"], *REFERENCE),
+                "score_dropout_sweep": (0.5,),
+                "score_dropout_strategies": ("dissect_momentum", "clipscore")}
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
                                    main_strategies=("full", "random", "dissect_momentum"),
                                    variants=False)
@@ -291,6 +297,10 @@ def grid(reg: Regime) -> list[list[Run]]:
     for beta in reg.beta_sweep:
         add(f"dissect_momentum[beta={beta:g}]", "dissect_momentum", reg.noise, reg.ratio,
             reg.seeds[0], {"selection.beta": beta})
+    for p in reg.score_dropout_sweep:
+        for strategy in reg.score_dropout_strategies:
+            add(f"{strategy}[score_patch_dropout={p:g}]", strategy, reg.noise, reg.ratio,
+                reg.seeds[0], {"selection.score_patch_dropout": p})
     return phases
 
 

@@ -37,10 +37,12 @@ class RowCost:
         return dataclasses.asdict(self)
 
 
-def count_row_cost(model: Any, image: torch.Tensor, text: torch.Tensor) -> RowCost:
+def count_row_cost(model: Any, image: torch.Tensor, text: torch.Tensor,
+                   score_patch_dropout: float = 0.0) -> RowCost:
     """Count one pair's FLOPs on `model` (an open_clip CLIP, not yet wrapped by an engine):
-    image (1, 3, H, W), text (1, L) as the loader makes them. Leaves the model's weights,
-    gradients, mode and the random state as they were."""
+    image (1, 3, H, W), text (1, L) as the loader makes them; the scoring pass with
+    selection.score_patch_dropout's share of the image patches dropped. Leaves the model's
+    weights, gradients, mode and the random state as they were."""
     from dissect_dist import model as modellib
 
     if image.shape[0] != 1 or text.shape[0] != 1:
@@ -50,7 +52,10 @@ def count_row_cost(model: Any, image: torch.Tensor, text: torch.Tensor) -> RowCo
     grads = [p.grad for p in model.parameters()]
     with torch.random.fork_rng(devices=[]):
         model.train()
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        drop = modellib.ScoringPatchDropout(score_patch_dropout, torch.Generator()) \
+            if score_patch_dropout > 0 else None
+        with torch.no_grad(), FlopCounterMode(display=False) as fc, \
+                modellib.scoring_patch_dropout(model, drop):
             img, _ = modellib.encode(model, image, text)
         score = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc:

@@ -138,6 +138,11 @@ class SelectionConfig:
     # forward stays eager). The first steps pay the compilation (one per batch shape;
     # benchmarks/README.md gives the cost); needs a C++ compiler on CPU, Triton on CUDA.
     compile_scoring: bool = False
+    # The cheap scoring pass: drop this share of the image patch tokens (ViT models) in
+    # the scoring pass only, drawn per step from train.seed; its FLOPs fall about in
+    # proportion, and the scores are noisier (benchmarks/cheap_scoring.py measures both).
+    # 0 = off.
+    score_patch_dropout: float = 0.0
     # Selection health without a noise ledger: this share of the training samples (chosen
     # by sample id and train.seed, the same at any world size) gets another row's caption,
     # and the log says how many of them the selection keeps (canary_kept_share against
@@ -162,6 +167,11 @@ class SelectionConfig:
         _check(self.warmup_epochs >= 0, "selection.warmup_epochs", "need >= 0")
         _check(self.warmup_train in ("random", "full"), "selection.warmup_train",
                "random or full")
+        _check(0.0 <= self.score_patch_dropout < 1.0, "selection.score_patch_dropout",
+               f"{self.score_patch_dropout}: a share of the patches, 0 (off) <= p < 1")
+        _check(not (self.score_patch_dropout and self.compile_scoring),
+               "selection.score_patch_dropout", "not with selection.compile_scoring (the "
+               "compiled pass has fixed shapes); set one of them off")
         _check(self.score_mode in ("eval", "reference"), "selection.score_mode",
                "eval or reference")
         _check(0.0 <= self.canaries < 0.5, "selection.canaries",

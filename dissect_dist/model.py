@@ -103,6 +103,48 @@ def _score_encode(m: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     return clip.encode_image(images, normalize=True), clip.encode_text(texts, normalize=True)
 
 
+class ScoringPatchDropout(torch.nn.Module):
+    """Drops a random `prob` share of the image patch tokens (the class token stays),
+    always, not only in training mode: the vision tower's cheap scoring pass (Li et al.
+    2023, FLIP, train with it; here only scoring does). Each row keeps
+    max(1, int(tokens x (1 - prob))) patches, drawn from `generator` (CPU), so the
+    selection is reproducible from its seed."""
+
+    def __init__(self, prob: float, generator: torch.Generator) -> None:
+        super().__init__()
+        if not 0.0 < prob < 1.0:
+            raise ValueError(f"patch dropout {prob}: need 0 < p < 1")
+        self.prob, self.generator = prob, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls, patches = x[:, :1], x[:, 1:]
+        b, n = patches.shape[:2]
+        keep = max(1, int(n * (1 - self.prob)))
+        idx = torch.rand(b, n, generator=self.generator).topk(keep, dim=-1).indices
+        idx = idx.to(x.device)
+        rows = torch.arange(b, device=x.device)[:, None]
+        return torch.cat([cls, patches[rows, idx]], dim=1)
+
+
+@contextlib.contextmanager
+def scoring_patch_dropout(model: Any, dropout: ScoringPatchDropout | None) -> Iterator[None]:
+    """The vision tower with `dropout` in place of its patch dropout (None: unchanged)."""
+    m = unwrap(model)
+    if dropout is None:
+        yield
+        return
+    visual = m.visual
+    if not hasattr(visual, "patch_dropout"):
+        raise ValueError(f"selection.score_patch_dropout: {type(visual).__name__} has no patch "
+                         "tokens to drop (a ViT model is needed); set it to 0")
+    old = visual.patch_dropout
+    visual.patch_dropout = dropout
+    try:
+        yield
+    finally:
+        visual.patch_dropout = old
+
+
 class Scorer:
     """The no-grad scoring pass: L2-normalised features (b, d); the model is left in
     train mode. mode=eval: eval mode, under the training autocast. mode=reference: train
@@ -119,8 +161,13 @@ class Scorer:
 
     def __init__(self, *, mode: Literal["eval", "reference"],
                  autocast_dtype: torch.dtype | None, compiled: bool = False,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, patch_dropout: float = 0.0,
+                 seed: int = 0) -> None:
         self.mode, self.autocast_dtype = mode, autocast_dtype
+        self.seed = seed
+        # patch_dropout > 0: the cheap scoring pass (ScoringPatchDropout); reseed() per step
+        self.dropout = ScoringPatchDropout(patch_dropout, torch.Generator().manual_seed(seed)) \
+            if patch_dropout > 0 else None
         if compiled:
             check_compile_toolchain(device or torch.device("cpu"))
             from torch._dynamo import config as dynamo_config
@@ -136,10 +183,16 @@ class Scorer:
         model.train(self.mode == "reference")
         ctx = autocast(images.device, self.autocast_dtype if self.mode == "eval" else None)
         try:
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), ctx, scoring_patch_dropout(m, self.dropout):
                 return self._encode(m, images, texts)
         finally:
             model.train()
+
+    def reseed(self, step: int) -> None:
+        """The patch draws of `step` (a function of the seed and the step only, so a
+        resumed run draws what the uninterrupted one did)."""
+        if self.dropout is not None:
+            self.dropout.generator.manual_seed(self.seed * 1_000_003 + step)
 
 
 def check_compile_toolchain(device: torch.device) -> None:

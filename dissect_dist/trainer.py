@@ -70,7 +70,8 @@ class Trainer:
         # cost is this times its rows.
         self.row_cost = compute.count_row_cost(
             self.model, *modellib.blank_row(pre_eval, tokenizer, torch.device("cpu"),
-                                            torch.float32))
+                                            torch.float32),
+            score_patch_dropout=cfg.selection.score_patch_dropout)
         self.ledger = compute.Ledger()
         # Reduced-size JPEG decoding, uint8 batches normalised on the device (data/decode.py).
         pre_train, pre_eval = (ImagePlan.from_transform(t, resampling=cfg.data.resampling)
@@ -118,7 +119,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the reference code sets it
         self._score = modellib.Scorer(mode=cfg.selection.score_mode,
                                       autocast_dtype=self.autocast_dtype,
-                                      compiled=cfg.selection.compile_scoring, device=self.device)
+                                      compiled=cfg.selection.compile_scoring, device=self.device,
+                                      patch_dropout=cfg.selection.score_patch_dropout,
+                                      seed=cfg.train.seed)
         self.step = 0
         # One blank (image, empty caption) row: what a rank with no kept row (or no
         # decodable sample at all) forwards so that it still joins every collective.
@@ -217,6 +220,7 @@ class Trainer:
         curr = loss_i = None
         if strat.needs_scores or self.cfg.train.diagnose_scores:
             mode = self.cfg.selection.score_mode
+            self._score.reseed(self.step)
             # An empty batch still yields (0, d) features: the per-sample loss gathers
             # (k, d) from every rank.
             fi, ft = self._score(self.engine, *((images, texts) if b else self._dummy))

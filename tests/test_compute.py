@@ -87,3 +87,35 @@ def test_the_ledger_sums_windows_and_keeps_totals_across_a_checkpoint():
     resumed = compute.Ledger()
     resumed.load_state_dict(led.state_dict())
     assert resumed.flops == led.flops and resumed.total == led.total
+
+
+def test_the_cheap_scoring_pass_drops_patches_reproducibly_and_is_counted(tiny):
+    """selection.score_patch_dropout: the scoring pass keeps the class token and
+    int(n x (1 - p)) patches per row, drawn from the seed and step; its FLOPs are what
+    FlopCounterMode counts over the real pass, fewer than the full pass's."""
+    model, image, text = tiny
+    images, texts = _batch(image, text, 6)
+    row = compute.count_row_cost(model, image, text, score_patch_dropout=0.5)
+    full = compute.count_row_cost(model, image, text)
+    assert row.train == full.train and row.score < full.score
+    scorer = modellib.Scorer(mode="eval", autocast_dtype=None, patch_dropout=0.5, seed=3)
+    plain = modellib.Scorer(mode="eval", autocast_dtype=None)
+    scorer.reseed(7)
+    with FlopCounterMode(display=False) as fc:
+        a = scorer(model, images, texts)
+    assert fc.get_total_flops() == 6 * row.score
+    scorer.reseed(7)
+    b = scorer(model, images, texts)
+    scorer.reseed(8)
+    c = scorer(model, images, texts)
+    d = plain(model, images, texts)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])  # the step's draw
+    assert not torch.equal(a[0], d[0]) and torch.equal(a[1], d[1])  # images only
+    assert isinstance(model.visual.patch_dropout, torch.nn.Identity)  # put back
+    seen = []
+    hook = model.visual.transformer.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape))
+    scorer(model, images[:1], texts[:1])
+    hook.remove()
+    n = (image.shape[-1] // model.visual.patch_size[0]) ** 2
+    assert seen[0][1] == 1 + int(n * 0.5)
