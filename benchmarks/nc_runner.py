@@ -205,6 +205,10 @@ _COMPUTE = dict(main_strategies=("full", "random", "clipscore", "dissect_momentu
                                  "dissect_warmup", "oracle"), variants=False,
                 noise_sweep=(), ratio_sweep=(), equal_compute=True)
 _COMPUTE_REF = {**_COMPUTE, "main_strategies": (*_COMPUTE["main_strategies"], *REFERENCE),
+                # the best two selectors of the main table (3 seeds) against random and full
+                "noise_sweep": (0.2, 0.6),
+                "noise_sweep_strategies": ("full", "random", "learnability",
+                                           "reference_filter"),
                 "score_dropout_sweep": (0.5,),
                 "score_dropout_strategies": ("dissect_momentum", "clipscore")}
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
