@@ -84,8 +84,15 @@ def summary(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     split = phase_ms(rows)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items()) if split else \
         "no split (train.time_breakdown=false)"
+    spent = ""
+    if "flops_total" in last:  # the compute ledger (dissect_dist/compute.py)
+        total = max(float(last["flops_total"]), 1e-30)
+        spent = (f"; spent {total:.3e} FLOPs (scoring "
+                 f"{float(last.get('flops_score_total', 0)) / total:.0%}, reference "
+                 f"{float(last.get('flops_reference_total', 0)) / total:.0%}) in "
+                 f"{float(last.get('wall_s_total', 0)):,.0f} s")
     lines.append(f"throughput {sps:,.0f} samples/s seen, {tps:,.0f} trained/s; step ms: "
-                 f"{parts}")
+                 f"{parts}{spent}")
     if any("canary_share" in r for r in train):
         half = train[len(train) // 2:]
         share = statistics.mean(float(r["canary_share"]) for r in half)
