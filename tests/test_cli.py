@@ -125,6 +125,8 @@ def _metrics(run: Path, steps: int, partial: bool) -> None:
                      "epoch": s // 10, "loss": 3.0 - 0.05 * s, "kept_fraction": 0.3125,
                      "samples_per_s": 300.0, "trained_per_s": 94.0, "lr": 1e-3,
                      "logit_scale": 14.0, "kept_precision": 0.6 + 0.01 * s,
+                     "flops_total": 4e9 * s, "flops_score_total": 1e9 * s,
+                     "flops_reference_total": 0.0, "wall_s_total": 0.5 * s,
                      **{f"time_{p}_ms": 1.0 + i for i, p in enumerate(
                          ("input", "score", "wait", "select", "fwd_bwd", "optim"))}})
         if s % 10 == 0:
@@ -151,6 +153,7 @@ def test_report_draws_a_run_in_progress_and_finished(tmp_path: Path) -> None:
         assert ("finished" in lines[0]) == (not partial), lines[0]
         assert "loss 2.9000 -> 2.0000" in lines[1]
         assert "fwd_bwd 5.0" in lines[2] and "AUROC clean vs noisy 0.550" in lines[3]
+        assert "spent 8.000e+10 FLOPs (scoring 25%, reference 0%) in 10 s" in lines[2]
         assert "zeroshot_acc: last 0.2000 (step 20)" in lines[4]
         png = (run / "report.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
