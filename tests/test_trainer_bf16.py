@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_trainer import _args, _metrics, _run, fmnist  # noqa: F401 - fixture
+from tests.test_trainer import (  # noqa: F401 - fixtures
+    _args,
+    _assert_compute,
+    _metrics,
+    _run,
+    _steps,
+    fmnist,
+    row_cost,
+)
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 RUN = ["selection.strategy=dissect_momentum", "model.precision=bf16", "train.zero_stage=2",
@@ -35,7 +43,7 @@ def _state(run: Path) -> dict[str, object]:
     return out
 
 
-def test_bf16_zero2_resume_equals_the_uninterrupted_run(fmnist, tmp_path):  # noqa: F811
+def test_bf16_zero2_resume_equals_the_uninterrupted_run(fmnist, tmp_path, row_cost):  # noqa: F811
     whole = tmp_path / "whole"
     _run(_args(fmnist, whole, *RUN, f"data.zeroshot_dir={fmnist}"))
     evals = [m for m in _metrics(whole) if m["kind"] == "eval"]
@@ -57,6 +65,13 @@ def test_bf16_zero2_resume_equals_the_uninterrupted_run(fmnist, tmp_path):  # no
         assert a == b and len(a.splitlines()) == 12
     sa, sb = _state(whole), _state(resumed)
     assert np.array_equal(sa["scores"].view(np.uint16), sb["scores"].view(np.uint16))
+    # the compute ledger under bf16 ZeRO-2: every step's counts and FLOPs from its record,
+    # and the resumed run's totals carried on from the checkpoint
+    train_a = [m for m in _metrics(whole) if m["kind"] == "train"]
+    _assert_compute(train_a, _steps(whole), "dissect_momentum", row_cost)
+    train_b = [m for m in _metrics(resumed) if m["kind"] == "train"]
+    assert train_b[-1]["flops_total"] == train_a[-1]["flops_total"]
+    assert train_b[-1]["pairs_scored_total"] == train_a[-1]["pairs_scored_total"] == 12 * 32
     for k in sa["module"]:
         assert torch.equal(sa["module"][k], sb["module"][k]), k
     for r in (0, 1):
