@@ -103,7 +103,8 @@ def table(res: dict[str, Any], regime: str, noise: float | None = None) -> str:
     for seed, ref in sorted(refs.items()):
         lines.append(
             f"\nReference model, seed {seed}: {ref['pairs']} clean held-out pairs, "
-            f"{ref['epochs']} epochs, held-out {what} {ref['zeroshot_acc']:.3f}; its scores "
+            f"{ref['epochs']} epochs, held-out {what} "
+            f"{ref.get('heldout_metric', ref.get('zeroshot_acc')):.3f}; its scores "
             f"separate clean from noisy training pairs with AUROC "
             f"{ref['auroc_clean_vs_noisy']:.3f}; cost {ref['flops_model'] / budget:.3f} "
             f"(training) + {ref['flops_scoring'] / budget:.4f} (scoring) of the budget.")

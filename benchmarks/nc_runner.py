@@ -235,7 +235,8 @@ REGIMES = {
     # memorise's data and trainer settings, every run spending full's FLOPs
     "compute": load_regime("compute", subset=500, **_COMPUTE_REF),
     # icons' data and settings, every run spending full's FLOPs
-    "icons-compute": load_regime("icons-compute", data="icons", subset=2000, **_COMPUTE),
+    "icons-compute": load_regime("icons-compute", data="icons", subset=2000,
+                                 **{**_COMPUTE, "main_strategies": _COMPUTE_REF["main_strategies"]}),
     # the test suite's smoke run of the pool code path
     "pool-quick": load_regime("pool-quick", subset=512, pool=True, seeds=(0,),
                               main_strategies=("full", "dissect_warmup"), variants=False,
@@ -337,6 +338,19 @@ def dataset(reg: Regime, noise: float, root: Path) -> Path:
     return d
 
 
+def eval_metric(reg: Regime, row: dict[str, Any]) -> float:
+    """What an eval row of metrics.jsonl scores: zero-shot accuracy (Fashion-MNIST) or the
+    mean of both directions' R@1 (icons)."""
+    return float(row["zeroshot_acc"] if reg.data == "fmnist"
+                 else (row["i2t_R@1"] + row["t2i_R@1"]) / 2)
+
+
+def _eval_data(reg: Regime, data: Path) -> dict[str, str]:
+    """The override that points a run's evaluation at the data set's held-out pairs."""
+    return {"data.retrieval_manifest": f"{data}/heldout/manifest.json"} if reg.data == "icons" \
+        else {"data.zeroshot_dir": str(data)}
+
+
 def overrides(reg: Regime, run: Run, data: Path, run_dir: Path,
               reference: Path | None = None) -> list[str]:
     """What a run sets on top of its regime's run config (`reference`: the reference
@@ -355,8 +369,7 @@ def overrides(reg: Regime, run: Run, data: Path, run_dir: Path,
     ov = {
         "data.train_manifest": f"{data}/train/manifest.json",
         "data.noise_ledger": f"{data}/train/noise_ledger.npy",
-        **({"data.retrieval_manifest": f"{data}/heldout/manifest.json"} if reg.data == "icons"
-           else {"data.zeroshot_dir": str(data)}),
+        **_eval_data(reg, data),
         "selection.strategy": run.strategy, "selection.ratio": run.ratio,
         "train.seed": run.seed, "train.run_dir": str(run_dir),
         **({"selection.reference": str(reference)} if reference is not None else {}),
@@ -427,23 +440,25 @@ def reference(reg: Regime, seed: int, noise: float, data: Path, data_root: Path,
     then reused): a model trained with `full` on REF_SHARE x subset clean pairs that are
     not training pairs, exported, and its scores of every training pair (launch/score.py).
     Returns the snapshot and what the run's summary records of it."""
-    from dissect_dist.data.builders import build_fashion_mnist_reference
+    from dissect_dist.data.builders import build_fashion_mnist_reference, build_icons_reference
 
-    if reg.data != "fmnist":
-        raise ValueError(f"regime {reg.name}: reference models are built for fmnist data only")
     size = round(REF_SHARE * reg.subset)
-    ref_data = data_root / f"fmnist-reference-{reg.subset}-{size}"
+    ref_data = data_root / f"{reg.data}-reference-{reg.subset}-{size}"
     if not (ref_data / "manifest.json").exists():
         tmp = ref_data.with_name(ref_data.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_fashion_mnist_reference(str(tmp), subset=reg.subset, size=size, seed=0)
+        if reg.data == "icons":  # the `size` icons after the regime's, under their names
+            build_icons_reference(str(tmp), limit=reg.subset, size=size)
+        else:
+            build_fashion_mnist_reference(str(tmp), subset=reg.subset, size=size, seed=0)
         tmp.rename(ref_data)
     run_dir = runs_root / f"{reg.name}__reference__seed{seed}"
     model = run_dir / "open_clip_model.pt"
     if not model.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         common.launch([f"data.train_manifest={ref_data}/manifest.json",
-                       "data.noise_ledger=null", f"data.zeroshot_dir={data}",
+                       "data.noise_ledger=null",
+                       *[f"{k}={v}" for k, v in _eval_data(reg, data).items()],
                        f"data.batch_size={REF_BATCH}", "selection.strategy=full",
                        f"train.epochs={REF_EPOCHS}", "train.log_every=10",
                        f"train.eval_every={REF_EPOCHS * (size // (RANKS * REF_BATCH))}",
@@ -456,13 +471,13 @@ def reference(reg: Regime, seed: int, noise: float, data: Path, data_root: Path,
                   config=reg.config, log=run_dir / "score.log", script="score.py",
                   args=["--model", str(model), "--out", str(scores)])
     rows = common.read_metrics(run_dir)
-    acc = [x["zeroshot_acc"] for x in rows if x["kind"] == "eval"]
+    acc = [eval_metric(reg, x) for x in rows if x["kind"] == "eval"]
     extra = dict(SnapshotLocation(str(scores)).read_commit(0).extra)
     ref_scores = ScoreStore.load(str(scores)).local_numpy().astype("float64")
     noisy = np.zeros(ref_scores.size, dtype=bool)
     noisy[np.load(data / "train" / "noise_ledger.npy")] = True
     return scores, {"reference": {
-        "pairs": size, "epochs": REF_EPOCHS, "zeroshot_acc": acc[-1] if acc else None,
+        "pairs": size, "epochs": REF_EPOCHS, "heldout_metric": acc[-1] if acc else None,
         "flops_model": extra["flops_model"], "flops_scoring": extra["flops_scoring"],
         "auroc_clean_vs_noisy": auroc(ref_scores, ~noisy)}}
 
@@ -497,8 +512,7 @@ def summarise(rows: list[dict[str, Any]], reg: Regime, strategy: str,
     evals: dict[int, float] = {}
     for x in rows:
         if x["kind"] == "eval":
-            evals[x["step"]] = (x["zeroshot_acc"] if reg.data == "fmnist"
-                                else (x["i2t_R@1"] + x["t2i_R@1"]) / 2)
+            evals[x["step"]] = eval_metric(reg, x)
     r10 = {x["step"]: (x["i2t_R@10"] + x["t2i_R@10"]) / 2 for x in rows
            if x["kind"] == "eval" and "i2t_R@10" in x}  # icons: R@1 moves by 1/held-out
     curve = [{"epoch": s / spe, "step": s, "trained": trained_at[s], "flops": flops_at[s],

@@ -38,7 +38,8 @@ benchmarks/README.md says how they were chosen and sized):
             learnability / reference_filter (a reference model trained on 50 clean
             held-out pairs, its training and scoring paid from the budget) / oracle (the
             ledger's clean pairs at no cost: the ceiling). tiny-cpu.yaml
-  icons-compute  (`--regime icons-compute`) the same on icons' 2000-icon data. nc-icons.yaml
+  icons-compute  (`--regime icons-compute`) the same on icons' 2000-icon data (the reference
+            model: the next 200 icons in font order under their own names). nc-icons.yaml
 Fashion-MNIST runs are scored by zero-shot accuracy on the clean 10k test split, icon runs
 by image<->text retrieval R@1 on the held-out icons (mean of both directions).
 """

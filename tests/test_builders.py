@@ -4,6 +4,7 @@ a noise ledger whose rate and contents are right."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from dissect_dist.data.builders import (
     build_fashion_mnist_reference,
     build_from_folder,
     build_icons,
+    build_icons_reference,
+    iter_icons,
 )
 
 
@@ -88,6 +91,23 @@ def test_icons_have_instance_captions_a_heldout_split_and_a_ledger(tmp_path: Pat
 
     im = Image.open(io.BytesIO(held[0]["png"]))
     assert im.size == (32, 32) and np.asarray(im).min() < 128  # a visible glyph
+
+
+def test_icons_reference_pairs_are_clean_and_neither_training_nor_heldout(tmp_path: Path):
+    build_icons(str(tmp_path / "d"), noise=0.4, seed=0, heldout=0.1, limit=300)
+    res = build_icons_reference(str(tmp_path / "r"), limit=300, size=40)
+    used = _samples(Manifest.load(str(tmp_path / "d" / "train" / "manifest.json"))) + \
+        _samples(Manifest.load(str(tmp_path / "d" / "heldout" / "manifest.json")))
+    ref = _samples(Manifest.load(str(tmp_path / "r" / "manifest.json")))
+    assert res["pairs"] == len(ref) == 40 and len(used) == 300
+    glyph = {name: png for png, name in itertools.islice(iter_icons(), 340)}  # names are unique
+    for s in ref:
+        assert glyph[s["txt"].decode()] == s["png"]  # clean: the icon under its own name
+    # no name the run trains or evaluates on (some glyphs repeat under other names)
+    assert not {s["txt"] for s in ref} & {s["txt"] for s in used}
+    assert {s["txt"].decode() for s in ref} == set(list(glyph)[300:])
+    with pytest.raises(ValueError, match="exceed"):
+        build_icons_reference(str(tmp_path / "x"), limit=10**6, size=1)
 
 
 def test_folder_with_csv_becomes_shards(tmp_path: Path):

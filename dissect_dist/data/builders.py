@@ -13,6 +13,7 @@ import csv
 import gzip
 import importlib.util
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -264,6 +265,23 @@ def build_icons(out: str, *, noise: float, seed: int = 0, heldout: float = 0.1,
     heldm = hw.finish()
     return {"train": train.total, "heldout": heldm.total, "noisy": len(noisy_ids),
             "out": str(root)}
+
+
+def build_icons_reference(out: str, *, limit: int, size: int, icon_size: int = 32,
+                          shard_size: int = 1000) -> dict[str, Any]:
+    """`size` clean icons (each captioned with its own name) that follow the first `limit`
+    icons in font order, which build_icons(limit=limit) splits into its training and
+    held-out pairs: none of them is a training or held-out icon, and no caption repeats
+    one of theirs (names are unique). The data a reference model is trained on.
+    OUT/manifest.json."""
+    icons = list(itertools.islice(iter_icons(icon_size), limit + size))
+    if len(icons) < limit + size:
+        raise ValueError(f"{size} reference icons after the first {limit} exceed the "
+                         f"{len(icons)} icons the fonts render")
+    w = ShardWriter(Path(out), shard_size)
+    for png, caption in icons[limit:]:
+        w.write(png, "png", caption, {})
+    return {"pairs": w.finish().total, "out": out}
 
 
 # ------------------------------------------------------------------ folder + CSV
