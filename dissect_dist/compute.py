@@ -38,10 +38,12 @@ class RowCost:
 
 
 def count_row_cost(model: Any, image: torch.Tensor, text: torch.Tensor,
-                   score_patch_dropout: float = 0.0) -> RowCost:
+                   score_patch_dropout: float = 0.0, score_resolution: int = 0) -> RowCost:
     """Count one pair's FLOPs on `model` (an open_clip CLIP, not yet wrapped by an engine):
     image (1, 3, H, W), text (1, L) as the loader makes them; the scoring pass with
-    selection.score_patch_dropout's share of the image patches dropped. Leaves the model's
+    selection.score_patch_dropout's share of the image patches dropped and at
+    selection.score_resolution (the resize itself is not counted: a few FLOPs per pixel
+    against a tower's millions). Leaves the model's
     weights, gradients, mode and the random state as they were."""
     from dissect_dist import model as modellib
 
@@ -54,9 +56,11 @@ def count_row_cost(model: Any, image: torch.Tensor, text: torch.Tensor,
         model.train()
         drop = modellib.ScoringPatchDropout(score_patch_dropout, torch.Generator()) \
             if score_patch_dropout > 0 else None
+        small = modellib.resize_images(image, score_resolution) if score_resolution else image
         with torch.no_grad(), FlopCounterMode(display=False) as fc, \
-                modellib.scoring_patch_dropout(model, drop):
-            img, _ = modellib.encode(model, image, text)
+                modellib.scoring_patch_dropout(model, drop), \
+                modellib.scoring_resolution(model, score_resolution):
+            img, _ = modellib.encode(model, small, text)
         score = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc:
             img, txt = modellib.encode(model, image, text)

@@ -143,6 +143,12 @@ class SelectionConfig:
     # proportion, and the scores are noisier (benchmarks/cheap_scoring.py measures both).
     # 0 = off.
     score_patch_dropout: float = 0.0
+    # The cheaper scoring pass at a lower image resolution (ViT models): images resized
+    # (bilinear, antialiased) to this many pixels a side and the position embeddings
+    # interpolated (bicubic) to the smaller patch grid, in the scoring pass only; a multiple
+    # of the model's patch size below its image size. Counted in the FLOPs; measured by
+    # benchmarks/cheap_scoring.py. 0 = the model's own resolution.
+    score_resolution: int = 0
     # Selection health without a noise ledger: this share of the training samples (chosen
     # by sample id and train.seed, the same at any world size) gets another row's caption,
     # and the log says how many of them the selection keeps (canary_kept_share against
@@ -171,6 +177,11 @@ class SelectionConfig:
                f"{self.score_patch_dropout}: a share of the patches, 0 (off) <= p < 1")
         _check(not (self.score_patch_dropout and self.compile_scoring),
                "selection.score_patch_dropout", "not with selection.compile_scoring (the "
+               "compiled pass has fixed shapes); set one of them off")
+        _check(self.score_resolution >= 0, "selection.score_resolution",
+               f"{self.score_resolution}: pixels a side, or 0 (the model's resolution)")
+        _check(not (self.score_resolution and self.compile_scoring),
+               "selection.score_resolution", "not with selection.compile_scoring (the "
                "compiled pass has fixed shapes); set one of them off")
         _check(self.score_mode in ("eval", "reference"), "selection.score_mode",
                "eval or reference")
@@ -454,3 +465,10 @@ def validate_environment(cfg: RunConfig) -> None:
         check_name(cfg.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from e
+    if cfg.selection.score_resolution:
+        from dissect_dist.model import check_scoring_resolution
+
+        try:
+            check_scoring_resolution(cfg.model.name, cfg.selection.score_resolution)
+        except ValueError as e:
+            raise ConfigError(f"selection.score_resolution: {e}") from e

@@ -145,6 +145,78 @@ def scoring_patch_dropout(model: Any, dropout: ScoringPatchDropout | None) -> It
         visual.patch_dropout = old
 
 
+def _vit_geometry(name: str) -> tuple[int, int] | None:
+    """(image size, patch size) of a ViT model config; None for other towers."""
+    import open_clip
+
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    if "patch_size" not in vision or "timm_model_name" in vision \
+            or not isinstance(vision.get("layers", 0), int):
+        return None
+    size = vision.get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    return int(size), int(vision["patch_size"])
+
+
+def check_scoring_resolution(name: str, size: int) -> None:
+    """ValueError naming the valid values unless `size` pixels a side is a lower scoring
+    resolution model `name` can run at: a ViT, a multiple of its patch size, below its
+    image size (run by the config check before any process group starts)."""
+    geometry = _vit_geometry(name)
+    if geometry is None:
+        raise ValueError(f"{size}: {name} is not a ViT model (its position embeddings are "
+                         "what a lower resolution interpolates); set 0")
+    full, patch = geometry
+    valid = list(range(patch, full, patch))
+    if size not in valid:
+        raise ValueError(f"{size}: {name} takes {full} px images in {patch} px patches; use "
+                         f"a multiple of {patch} below {full}: {valid}, or 0 (off)")
+
+
+def interpolate_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """A ViT's position embeddings (1 + g*g, width; the class token's first) for a
+    grid x grid patch grid: the patch part resized bicubically (antialiased), the class
+    token's kept."""
+    n = math.isqrt(pos.shape[0] - 1)
+    if n * n + 1 != pos.shape[0]:
+        raise ValueError(f"position embeddings of shape {tuple(pos.shape)}: not 1 + a square")
+    patches = pos[1:].float().reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic",
+                                              align_corners=False, antialias=True)
+    return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+                      .to(pos.dtype)])
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A normalised image batch (b, 3, H, W) at size x size (bilinear, antialiased: the
+    same as resizing before normalising, which is affine per channel)."""
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    return out.to(images.dtype)
+
+
+@contextlib.contextmanager
+def scoring_resolution(model: Any, size: int) -> Iterator[None]:
+    """The vision tower with its position embeddings interpolated for size x size images
+    (0: unchanged); the trained parameter is put back on exit, untouched."""
+    if not size:
+        yield
+        return
+    visual = unwrap(model).visual
+    pos = getattr(visual, "positional_embedding", None)
+    conv = getattr(visual, "conv1", None)
+    if pos is None or conv is None:
+        raise ValueError(f"selection.score_resolution: {type(visual).__name__} has no patch "
+                         "grid to interpolate (a ViT model is needed); set it to 0")
+    with torch.no_grad():
+        smaller = interpolate_pos_embed(pos.detach(), size // conv.kernel_size[0])
+    visual.positional_embedding = torch.nn.Parameter(smaller, requires_grad=False)
+    try:
+        yield
+    finally:
+        visual.positional_embedding = pos
+
+
 class Scorer:
     """The no-grad scoring pass: L2-normalised features (b, d); the model is left in
     train mode. mode=eval: eval mode, under the training autocast. mode=reference: train
@@ -162,9 +234,10 @@ class Scorer:
     def __init__(self, *, mode: Literal["eval", "reference"],
                  autocast_dtype: torch.dtype | None, compiled: bool = False,
                  device: torch.device | None = None, patch_dropout: float = 0.0,
-                 seed: int = 0) -> None:
+                 resolution: int = 0, seed: int = 0) -> None:
         self.mode, self.autocast_dtype = mode, autocast_dtype
         self.seed = seed
+        self.resolution = resolution  # > 0: score at this many pixels a side
         # patch_dropout > 0: the cheap scoring pass (ScoringPatchDropout); reseed() per step
         self.dropout = ScoringPatchDropout(patch_dropout, torch.Generator().manual_seed(seed)) \
             if patch_dropout > 0 else None
@@ -183,7 +256,10 @@ class Scorer:
         model.train(self.mode == "reference")
         ctx = autocast(images.device, self.autocast_dtype if self.mode == "eval" else None)
         try:
-            with torch.no_grad(), ctx, scoring_patch_dropout(m, self.dropout):
+            with torch.no_grad(), ctx, scoring_patch_dropout(m, self.dropout), \
+                    scoring_resolution(m, self.resolution):
+                if self.resolution:
+                    images = resize_images(images, self.resolution)
                 return self._encode(m, images, texts)
         finally:
             model.train()

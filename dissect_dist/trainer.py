@@ -71,7 +71,8 @@ class Trainer:
         self.row_cost = compute.count_row_cost(
             self.model, *modellib.blank_row(pre_eval, tokenizer, torch.device("cpu"),
                                             torch.float32),
-            score_patch_dropout=cfg.selection.score_patch_dropout)
+            score_patch_dropout=cfg.selection.score_patch_dropout,
+            score_resolution=cfg.selection.score_resolution)
         self.ledger = compute.Ledger()
         # Reduced-size JPEG decoding, uint8 batches normalised on the device (data/decode.py).
         pre_train, pre_eval = (ImagePlan.from_transform(t, resampling=cfg.data.resampling)
@@ -121,6 +122,7 @@ class Trainer:
                                       autocast_dtype=self.autocast_dtype,
                                       compiled=cfg.selection.compile_scoring, device=self.device,
                                       patch_dropout=cfg.selection.score_patch_dropout,
+                                      resolution=cfg.selection.score_resolution,
                                       seed=cfg.train.seed)
         self.step = 0
         # One blank (image, empty caption) row: what a rank with no kept row (or no

@@ -5,7 +5,8 @@ the model name) is validated before DeepSpeed is imported: a bad one exits with 
 and one line `config error: section.key: ...` on stderr. The DeepSpeed config is
 generated from it unless --deepspeed_config.
 
-Exit status: 0 done; 2 config error; 3 a checkpoint could not be written (every rank
+Exit status: 0 done; 2 config error (or train.run_dir holds checkpoints and no --resume
+was given); 3 a checkpoint could not be written (every rank
 prints why, and how to go on: the previous checkpoint is still `latest`); 4 a collective
 failed or waited longer than train.collective_timeout_s (a host or the network between
 hosts was lost, or a rank stopped making progress): one line names the lost ranks, or the
@@ -43,6 +44,14 @@ def main() -> int:
         validate_environment(cfg)  # the files it names, the model name
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    latest = os.path.join(cfg.train.run_dir, "checkpoints", "latest")
+    if args.resume is None and os.path.exists(latest):  # never start a run over by accident
+        with open(latest) as f:
+            tag = f.read().strip()
+        print(f"config error: train.run_dir: {cfg.train.run_dir} already holds a run (latest "
+              f"checkpoint {tag}): continue it with --resume latest, or set another "
+              "train.run_dir", file=sys.stderr)
         return 2
     ds_cfg = None
     if args.deepspeed_config:

@@ -119,3 +119,53 @@ def test_the_cheap_scoring_pass_drops_patches_reproducibly_and_is_counted(tiny):
     hook.remove()
     n = (image.shape[-1] // model.visual.patch_size[0]) ** 2
     assert seen[0][1] == 1 + int(n * 0.5)
+
+
+def test_the_lower_resolution_scoring_pass_is_the_resized_model_and_is_counted(tiny):
+    """selection.score_resolution: the scoring pass sees the images resized and the
+    position embeddings interpolated to the smaller grid (as a copy of the model with
+    those embeddings would), only images change, the trained parameter is put back
+    untouched, and its FLOPs are what FlopCounterMode counts over the real pass."""
+    import copy
+
+    model, image, text = tiny
+    images, texts = _batch(image, text, 6)
+    full = compute.count_row_cost(model, image, text)
+    row = compute.count_row_cost(model, image, text, score_resolution=14)
+    assert row.train == full.train and row.score < 0.7 * full.score  # 4 patches, not 16
+    pos = model.visual.positional_embedding
+    before = pos.detach().clone()
+    scorer = modellib.Scorer(mode="eval", autocast_dtype=None, resolution=14)
+    with FlopCounterMode(display=False) as fc:
+        img, txt = scorer(model, images, texts)
+    assert fc.get_total_flops() == 6 * row.score
+    assert model.visual.positional_embedding is pos and torch.equal(pos.detach(), before)
+    small = copy.deepcopy(model)
+    small.visual.positional_embedding = torch.nn.Parameter(
+        modellib.interpolate_pos_embed(before, 2))
+    small.eval()
+    with torch.no_grad():
+        want_img, want_txt = modellib.encode(
+            small, torch.nn.functional.interpolate(images, size=(14, 14), mode="bilinear",
+                                                   antialias=True), texts)
+    assert torch.allclose(img, want_img, atol=1e-6) and torch.equal(txt, want_txt)
+    plain = modellib.Scorer(mode="eval", autocast_dtype=None)(model, images, texts)
+    assert not torch.allclose(img, plain[0], atol=1e-3) and torch.equal(txt, plain[1])
+    seen = []
+    hook = model.visual.transformer.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape))
+    scorer(model, images[:1], texts[:1])
+    hook.remove()
+    assert seen[0][1] == 1 + 2 * 2  # class token + a 2 x 2 grid
+    # the same grid interpolates to itself
+    assert torch.allclose(modellib.interpolate_pos_embed(before, 4), before, atol=1e-6)
+
+
+def test_a_scoring_resolution_the_model_cannot_run_at_names_the_valid_ones():
+    modellib.check_scoring_resolution("tiny-vit-28", 21)
+    with pytest.raises(ValueError, match=r"multiple of 7 below 28: \[7, 14, 21\]"):
+        modellib.check_scoring_resolution("tiny-vit-28", 20)
+    with pytest.raises(ValueError, match="not a ViT"):
+        modellib.check_scoring_resolution("tiny-rn-64", 32)
+    with pytest.raises(ValueError, match=r"multiple of 32 below 224"):
+        modellib.check_scoring_resolution("ViT-B-32", 224)

@@ -53,6 +53,7 @@ def test_overrides_are_coerced_to_the_fields_types():
     ("train.profile_at=1", "train.profile_at: 1: 0 (off) or a step >= 2"),
     ("train.profile_steps=0", "train.profile_steps: 0: need >= 1"),
     ("train.collective_timeout_s=1", "train.collective_timeout_s: 1.0: need >= 5"),
+    ("selection.score_resolution=-7", "selection.score_resolution: -7: pixels a side"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -82,6 +83,8 @@ ENV_ERRORS = [
     ("data.retrieval_manifest={root}/nope.json", "data.retrieval_manifest",
      "nope.json: no such file"),
     ("model.name=tiny-vit-82", "model.name", "close matches: tiny-vit-32, tiny-vit-28"),
+    ("selection.score_resolution=20", "selection.score_resolution",
+     "use a multiple of 7 below 28: [7, 14, 21]"),
 ]
 
 

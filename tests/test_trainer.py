@@ -249,27 +249,6 @@ def test_bad_config_fails_before_any_process_group(tmp_path):
     assert "init_distributed" not in r.stdout + r.stderr and time.time() - t0 < 60
 
 
-def test_two_node_launch_with_no_ssh_trains_and_checkpoints(fmnist, tmp_path):
-    """Two `deepspeed --no_ssh --node_rank i` launchers on 127.0.0.1, as two nodes."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = free_port()
-    nodes = []
-    for node in (0, 1):
-        cmd = [DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(REPO / "launch" / "train.py"),
-               *_args(fmnist, tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2")]
-        nodes.append(procs.start(cmd, env=ENV))
-    done = [procs.finish(p, 400) for p in nodes]
-    assert [rc for rc, _ in done] == [0, 0], "\n".join(o[-3000:] for _, o in done)
-    run = tmp_path / "run"
-    info = json.loads((run / "checkpoints" / "step-000000004" / "run.json").read_text())
-    assert info["world_size"] == 2
-    assert (run / "checkpoints" / "step-000000004" / "rank-00001.pt").exists()
-    assert [m["step"] for m in _metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
-
-
 def test_eval_every_epoch_evaluates_without_a_noise_ledger(fmnist, tmp_path):
     """train.eval_every=-1 logs zero-shot accuracy at every epoch end; the noise ledger
     only adds the clean-vs-noisy metrics to that row."""
