@@ -13,6 +13,12 @@ the canaries say about the selection with what the ledger says:
 
     python benchmarks/canary_validation.py                       # memorise, 3 seeds
     python benchmarks/canary_validation.py --regime icons --seeds 0
+    python benchmarks/canary_validation.py --regime early --subset 60000 --epochs 3 \
+        --canaries 0.005 --strategies clipscore                  # the default share, at size
+
+--subset and --epochs change the regime's data size and run length (log windows become a
+quarter epoch, evaluation once per epoch): at the default share 0.005 a data set needs
+tens of thousands of pairs before canaries are more than a handful.
 
 Runs through benchmarks/nc_runner.py (the regimes of noisy_correspondence.py), one at a
 time; writes benchmarks/results/canary_validation_<regime>.json.
@@ -21,6 +27,7 @@ time; writes benchmarks/results/canary_validation_<regime>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -63,7 +70,12 @@ def compare(rows: list[dict[str, Any]], noisy_share: float) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", default="memorise", choices=["memorise", "icons", "quick"])
+    p.add_argument("--regime", default="memorise",
+                   choices=["memorise", "icons", "quick", "early"])
+    p.add_argument("--subset", type=int, default=None,
+                   help="pairs of the data set (default: the regime's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of each run (default: the regime's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--strategies", nargs="+", default=["dissect_momentum", "random"])
     p.add_argument("--canaries", type=float, default=0.05,
@@ -73,6 +85,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args()
     reg = nc_runner.REGIMES[a.regime]
+    sized: tuple[tuple[str, Any], ...] = ()
+    if a.subset or a.epochs:
+        reg = dataclasses.replace(reg, subset=a.subset or reg.subset,
+                                  epochs=a.epochs or reg.epochs)
+        spe = reg.steps_per_epoch
+        sized = (("train.epochs", reg.epochs), ("train.log_every", max(1, spe // 4)),
+                 ("train.eval_every", spe))
     root = common.REPO / "runs" / "canary_validation"
     data = nc_runner.dataset(reg, a.noise, common.REPO / "data" / "nc")
     noisy_share = float(np.load(data / "train" / "noise_ledger.npy").size) / json.loads(
@@ -82,7 +101,7 @@ def main() -> None:
         for strategy in a.strategies:
             run = nc_runner.Run(regime=reg.name, label=f"{strategy}+canaries", strategy=strategy,
                                 noise=a.noise, ratio=reg.ratio, seed=seed,
-                                extra=(("selection.canaries", a.canaries),))
+                                extra=(("selection.canaries", a.canaries), *sized))
             run_dir = root / run.dir_name
             r = common.launch(nc_runner.overrides(reg, run, data, run_dir), what=run.key,
                               ranks=nc_runner.RANKS, config=reg.config,
@@ -92,8 +111,10 @@ def main() -> None:
             results.append(res)
             print(json.dumps({k: v for k, v in res.items()
                               if k not in ("auroc_canary", "auroc_ledger")}), flush=True)
-    out = Path(a.out) if a.out else common.RESULTS / f"canary_validation_{a.regime}.json"
-    common.write_json(out, {"regime": a.regime, "canaries": a.canaries, "noise": a.noise,
+    name = a.regime + (f"_{reg.subset}" if a.subset else "")
+    out = Path(a.out) if a.out else common.RESULTS / f"canary_validation_{name}.json"
+    common.write_json(out, {"regime": a.regime, "subset": reg.subset, "epochs": reg.epochs,
+                            "canaries": a.canaries, "noise": a.noise,
                             "noisy_share": noisy_share, "runs": results,
                             "machine": common.machine_info(), "code": common.code_version()})
 

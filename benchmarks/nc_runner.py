@@ -114,6 +114,8 @@ class Regime:
     # cheap scoring pass
     score_dropout_sweep: tuple[float, ...] = ()
     score_dropout_strategies: tuple[str, ...] = ()
+    # selection.score_resolution values tried on score_dropout_strategies (one seed each)
+    score_resolution_sweep: tuple[int, ...] = ()
     # see the module docstring: selection runs load a pool of B / r and train B
     pool: bool = False
     # see the module docstring: every run spends the FLOPs of the config's full-data run
@@ -210,6 +212,7 @@ _COMPUTE_REF = {**_COMPUTE, "main_strategies": (*_COMPUTE["main_strategies"], *R
                 "noise_sweep_strategies": ("full", "random", "learnability",
                                            "reference_filter"),
                 "score_dropout_sweep": (0.5,),
+                "score_resolution_sweep": (21, 14),
                 "score_dropout_strategies": ("dissect_momentum", "clipscore")}
 _SMALL_GRID: dict[str, Any] = dict(seeds=(0,), noise_sweep=(), ratio_sweep=(),
                                    main_strategies=("full", "random", "dissect_momentum"),
@@ -306,6 +309,10 @@ def grid(reg: Regime) -> list[list[Run]]:
         for strategy in reg.score_dropout_strategies:
             add(f"{strategy}[score_patch_dropout={p:g}]", strategy, reg.noise, reg.ratio,
                 reg.seeds[0], {"selection.score_patch_dropout": p})
+    for px in reg.score_resolution_sweep:
+        for strategy in reg.score_dropout_strategies:
+            add(f"{strategy}[score_resolution={px}]", strategy, reg.noise, reg.ratio,
+                reg.seeds[0], {"selection.score_resolution": px})
     return phases
 
 
