@@ -5,8 +5,10 @@ commands:
     store    look into score-store snapshots: inspect, export (python -m store --help)
     report   one PNG and five lines for a run, finished or in progress
 
-Training runs through DeepSpeed's launcher: deepspeed launch/train.py --config CONFIG.yaml
-(README.md, "Train on your shards")."""
+Training and reference scoring run on every rank, through DeepSpeed's launcher:
+    deepspeed launch/train.py --config CONFIG.yaml          (README.md, "Train on your shards")
+    deepspeed launch/score.py --config CONFIG.yaml --model CKPT --out URL
+                                    (a reference model's scores; docs/training.md)"""
 
 from __future__ import annotations
 
