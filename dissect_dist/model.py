@@ -149,6 +149,7 @@ def _vit_geometry(name: str) -> tuple[int, int] | None:
     """(image size, patch size) of a ViT model config; None for other towers."""
     import open_clip
 
+    _register_tiny_configs()
     vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
     if "patch_size" not in vision or "timm_model_name" in vision \
             or not isinstance(vision.get("layers", 0), int):

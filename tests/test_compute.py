@@ -162,6 +162,13 @@ def test_the_lower_resolution_scoring_pass_is_the_resized_model_and_is_counted(t
 
 
 def test_a_scoring_resolution_the_model_cannot_run_at_names_the_valid_ones():
+    import subprocess
+    import sys
+
+    # in a fresh interpreter too, before anything has registered the project's configs
+    subprocess.run([sys.executable, "-c", "from dissect_dist.model import "
+                    "check_scoring_resolution as c; c('tiny-vit-28', 21)"], check=True,
+                   timeout=120)
     modellib.check_scoring_resolution("tiny-vit-28", 21)
     with pytest.raises(ValueError, match=r"multiple of 7 below 28: \[7, 14, 21\]"):
         modellib.check_scoring_resolution("tiny-vit-28", 20)
