@@ -176,3 +176,22 @@ def test_a_scoring_resolution_the_model_cannot_run_at_names_the_valid_ones():
         modellib.check_scoring_resolution("tiny-rn-64", 32)
     with pytest.raises(ValueError, match=r"multiple of 32 below 224"):
         modellib.check_scoring_resolution("ViT-B-32", 224)
+
+
+def test_the_lower_resolution_scoring_pass_in_bf16_keeps_the_parameter(tiny):
+    """The bf16 engine's module (parameters in bf16, images in bf16): the pass runs in
+    bf16, its output matches the fp32 pass to bf16 precision, and the bf16 position
+    embeddings are put back untouched."""
+    import copy
+
+    model, image, text = tiny
+    images, texts = _batch(image, text, 4)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    pos = half.visual.positional_embedding
+    before = pos.detach().clone()
+    scorer = modellib.Scorer(mode="eval", autocast_dtype=None, resolution=14)
+    img, _ = scorer(half, images.to(torch.bfloat16), texts)
+    want, _ = scorer(model, images, texts)
+    assert img.dtype == torch.bfloat16
+    assert half.visual.positional_embedding is pos and torch.equal(pos.detach(), before)
+    assert torch.allclose(img.float(), want, atol=0.05)
