@@ -67,6 +67,75 @@ def compare(rows: list[dict[str, Any]], noisy_share: float) -> dict[str, Any]:
     return out
 
 
+def predicted(auroc_ledger: float | None, kept_ledger: float | None, noisy_share: float,
+              matched: float) -> dict[str, float | None]:
+    """What the ledger's figures predict for canaries, if a canary that is still mismatched
+    after its swap is treated like a noisy pair of the ledger and one whose new caption still
+    describes its image (share `matched`) like a clean pair. The canaries' AUROC is against
+    *the rest*, which holds the data's noisy pairs too (share n), so it is compressed toward
+    0.5: A_c = 0.5 + (A - 0.5)(1 - n - q), A = the ledger's AUROC, q = matched. The kept ratio
+    mixes the ledger's noisy (R_n) and clean ((1 - n R_n) / (1 - n)) kept ratios."""
+    n, q = noisy_share, matched
+    return {
+        "predicted_auroc_canary": None if auroc_ledger is None
+        else 0.5 + (auroc_ledger - 0.5) * (1 - n - q),
+        "predicted_canary_kept_ratio": None if kept_ledger is None
+        else (1 - q) * kept_ledger + q * (1 - n * kept_ledger) / (1 - n),
+    }
+
+
+def fashion_matched_share(data: Path, share: float, seed: int, batch: int,
+                          swaps: int = 4000) -> float:
+    """The share of canaries whose new caption still names their image's class, on a
+    Fashion-MNIST data set (captions are one of 8 templates x 10 classes, so a partner's
+    caption can name the same class): the trainer's own swap (canaries.swap_captions) over
+    random orders of the training set cut into rank batches of `batch`, until at least
+    `swaps` canaries were swapped."""
+    import tarfile
+
+    import torch
+
+    from dissect_dist.canaries import is_canary, swap_captions
+    from dissect_dist.data import builders
+
+    caption_class = {t.format(c): i for i, c in enumerate(builders.FASHION_CLASSES)
+                     for t in builders.FASHION_TEMPLATES}
+    codes = {c: i for i, c in enumerate(caption_class)}
+    labels = builders._read_idx(Path(builders.FASHION_MNIST_DIR)
+                                / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    manifest = json.loads((data / "train" / "manifest.json").read_text())
+    text: dict[int, str] = {}
+    image_class: dict[int, int] = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(data / "train" / shard["url"]) as tar:
+            for m in tar:
+                key, ext = m.name.rsplit(".", 1)
+                if ext == "txt":
+                    text[int(key)] = tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+                elif ext == "json":
+                    meta = json.loads(tar.extractfile(m).read())  # type: ignore[union-attr]
+                    image_class[int(key)] = int(labels[meta["source_index"]])
+    ids = np.arange(len(text))
+    code = np.array([codes[text[i]] for i in ids])
+    cls_of_code = np.array(list(caption_class.values()))
+    img = np.array([image_class[i] for i in ids])
+    canary = is_canary(ids, share, seed)
+    rng = np.random.default_rng(seed)
+    got_n = matched_n = 0
+    while got_n < swaps:
+        order = rng.permutation(ids.size)
+        for lo in range(0, order.size - batch + 1, batch):
+            b = order[lo:lo + batch]
+            texts = torch.from_numpy(code[b]).unsqueeze(1)
+            out, got = swap_captions(texts, canary[b])
+            rows = np.flatnonzero(got)
+            got_n += rows.size
+            matched_n += int((cls_of_code[out[rows, 0].numpy()] == img[b][rows]).sum())
+        if not got_n:
+            raise ValueError(f"no canary at share {share} among {ids.size} samples")
+    return matched_n / max(got_n, 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +152,9 @@ def main() -> None:
                    "memorise's 500 pairs is 25 canaries)")
     p.add_argument("--noise", type=float, default=0.4)
     p.add_argument("--out", default=None)
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: add the ledger's predictions to the results file "
+                   "(--out, or the regime's) and print its table")
     a = p.parse_args()
     reg = nc_runner.REGIMES[a.regime]
     sized: tuple[tuple[str, Any], ...] = ()
@@ -92,10 +164,19 @@ def main() -> None:
         spe = reg.steps_per_epoch
         sized = (("train.epochs", reg.epochs), ("train.log_every", max(1, spe // 4)),
                  ("train.eval_every", spe))
+    name = a.regime + (f"_{reg.subset}" if a.subset else "")
+    out = Path(a.out) if a.out else common.RESULTS / f"canary_validation_{name}.json"
     root = common.REPO / "runs" / "canary_validation"
     data = nc_runner.dataset(reg, a.noise, common.REPO / "data" / "nc")
     noisy_share = float(np.load(data / "train" / "noise_ledger.npy").size) / json.loads(
         (data / "train" / "manifest.json").read_text())["total"]
+    if a.report:
+        saved = json.loads(out.read_text())
+        add_predictions(saved["runs"], reg, data, saved["canaries"], noisy_share)
+        common.write_json(out, saved)
+        print_table(saved["runs"])
+        print(f"wrote {out}")
+        return
     results = []
     for seed in a.seeds:  # seeds outer, strategies inner: drift hits every strategy alike
         for strategy in a.strategies:
@@ -111,24 +192,42 @@ def main() -> None:
             results.append(res)
             print(json.dumps({k: v for k, v in res.items()
                               if k not in ("auroc_canary", "auroc_ledger")}), flush=True)
-    name = a.regime + (f"_{reg.subset}" if a.subset else "")
-    out = Path(a.out) if a.out else common.RESULTS / f"canary_validation_{name}.json"
+    add_predictions(results, reg, data, a.canaries, noisy_share)
     common.write_json(out, {"regime": a.regime, "subset": reg.subset, "epochs": reg.epochs,
                             "canaries": a.canaries, "noise": a.noise,
                             "noisy_share": noisy_share, "runs": results,
                             "machine": common.machine_info(), "code": common.code_version()})
+    print_table(results)
+    print(f"wrote {out}")
 
+
+def add_predictions(results: list[dict[str, Any]], reg: Any, data: Path, share: float,
+                    noisy_share: float) -> None:
+    """Each run's `matched` share and what the ledger predicts. Fashion-MNIST only: on icons
+    every caption names one icon, so a swapped caption describes its image only when the
+    partner is a noisy pair that carries this icon's name (about 1 in 1800): taken as 0."""
+    matched: dict[int, float] = {}
+    for r in results:
+        if reg.data == "fmnist" and r["seed"] not in matched:
+            matched[r["seed"]] = fashion_matched_share(data, share, r["seed"], reg.batch_per_rank)
+        r["matched_share"] = matched.get(r["seed"], 0.0)
+        r.update(predicted(r["auroc_ledger_mean"], r["ledger_kept_ratio"], noisy_share,
+                           r["matched_share"]))
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
     def fmt(x: Any) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    print("\n| strategy | seed | canary kept ratio | ledger kept ratio | AUROC canary (mean) | "
-          "AUROC ledger (mean) | mean abs diff | correlation |\n|---|---|---|---|---|---|---|---|")
+    print("\n| strategy | seed | canary kept ratio | ledger kept ratio | predicted from the "
+          "ledger | AUROC canary (mean) | AUROC ledger (mean) | predicted from the ledger | "
+          "matched share | mean abs diff | correlation |\n|" + "---|" * 11)
     for r in results:
         print(f"| {r['strategy']} | {r['seed']} | {fmt(r['canary_kept_ratio'])} | "
-              f"{fmt(r['ledger_kept_ratio'])} | {fmt(r['auroc_canary_mean'])} | "
-              f"{fmt(r['auroc_ledger_mean'])} | {fmt(r['auroc_mean_abs_diff'])} | "
-              f"{fmt(r['auroc_correlation'])} |")
-    print(f"wrote {out}")
+              f"{fmt(r['ledger_kept_ratio'])} | {fmt(r['predicted_canary_kept_ratio'])} | "
+              f"{fmt(r['auroc_canary_mean'])} | {fmt(r['auroc_ledger_mean'])} | "
+              f"{fmt(r['predicted_auroc_canary'])} | {fmt(r['matched_share'])} | "
+              f"{fmt(r['auroc_mean_abs_diff'])} | {fmt(r['auroc_correlation'])} |")
 
 
 if __name__ == "__main__":

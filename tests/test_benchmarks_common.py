@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import common
@@ -340,6 +341,45 @@ def test_canary_validation_compares_canaries_with_the_ledger():
     assert got["epochs_with_auroc"] == 4
     assert got["auroc_mean_abs_diff"] == pytest.approx(0.02)
     assert got["auroc_correlation"] == pytest.approx(1.0)
+
+
+def test_the_ledgers_prediction_for_canaries_holds_on_simulated_keys():
+    """Keys drawn per pair: clean N(1, 1), noisy N(0, 1); 40% noisy; canaries (5%, any pair)
+    rank like noisy pairs except a share q = 0.1 that rank like clean ones. The formula's
+    canary AUROC (rest vs canaries) and kept ratio (top 30% by key) from the ledger's own
+    figures match what the simulated canaries give."""
+    from benchmarks.canary_validation import predicted
+    from dissect_dist.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    n, q, size = 0.4, 0.1, 400_000
+    noisy = rng.random(size) < n
+    canary = rng.random(size) < 0.05
+    mismatched = (noisy & ~canary) | (canary & (rng.random(size) >= q))
+    key = rng.normal(size=size) + np.where(mismatched, 0.0, 1.0)
+    kept = key >= np.quantile(key, 0.7)
+    ledger = ~canary  # the ledger knows the non-canary pairs' truth
+    auroc_ledger = auroc(key[ledger], ~noisy[ledger])
+    kept_noisy = kept[ledger & noisy].mean() / kept.mean()
+    want = predicted(auroc_ledger, kept_noisy, n, q)
+    assert want["predicted_auroc_canary"] == pytest.approx(auroc(key, ~canary), abs=0.01)
+    assert want["predicted_canary_kept_ratio"] == pytest.approx(
+        kept[canary].mean() / kept.mean(), abs=0.02)
+    # q = 0 and no noisy pairs among the rest: the canaries read what the ledger reads
+    assert predicted(0.8, 0.3, 0.0, 0.0) == {"predicted_auroc_canary": pytest.approx(0.8),
+                                             "predicted_canary_kept_ratio": pytest.approx(0.3)}
+
+
+def test_the_matched_share_of_fashion_canaries_is_about_one_class_in_ten(tmp_path):
+    """A canary's partner caption names one of 10 classes, so ~1 in 10 still names the
+    image's class (a bit less: a caption equal to the canary's own is never taken)."""
+    from benchmarks.canary_validation import fashion_matched_share
+    from dissect_dist.data.builders import build_fashion_mnist
+
+    build_fashion_mnist(str(tmp_path), noise=0.4, seed=0, subset=1000, shard_size=500)
+    q = fashion_matched_share(tmp_path, 0.05, seed=0, batch=32)
+    assert 0.07 < q < 0.13
+    assert fashion_matched_share(tmp_path, 0.05, seed=0, batch=32) == q  # seeded
 
 
 def test_the_equal_compute_report_states_what_each_strategy_needs_to_reach_the_others(
