@@ -91,34 +91,31 @@ def fashion_matched_share(data: Path, share: float, seed: int, batch: int,
     caption can name the same class): the trainer's own swap (canaries.swap_captions) over
     random orders of the training set cut into rank batches of `batch`, until at least
     `swaps` canaries were swapped."""
-    import tarfile
-
     import torch
 
     from dissect_dist.canaries import is_canary, swap_captions
     from dissect_dist.data import builders
+    from dissect_dist.data.loader import ShardReader
+    from dissect_dist.data.manifest import Manifest
 
     caption_class = {t.format(c): i for i, c in enumerate(builders.FASHION_CLASSES)
                      for t in builders.FASHION_TEMPLATES}
     codes = {c: i for i, c in enumerate(caption_class)}
     labels = builders._read_idx(Path(builders.FASHION_MNIST_DIR)
                                 / "train-labels-idx1-ubyte.gz").astype(np.int64)
-    manifest = json.loads((data / "train" / "manifest.json").read_text())
-    text: dict[int, str] = {}
-    image_class: dict[int, int] = {}
-    for shard in manifest["shards"]:
-        with tarfile.open(data / "train" / shard["url"]) as tar:
-            for m in tar:
-                key, ext = m.name.rsplit(".", 1)
-                if ext == "txt":
-                    text[int(key)] = tar.extractfile(m).read().decode()  # type: ignore[union-attr]
-                elif ext == "json":
-                    meta = json.loads(tar.extractfile(m).read())  # type: ignore[union-attr]
-                    image_class[int(key)] = int(labels[meta["source_index"]])
-    ids = np.arange(len(text))
-    code = np.array([codes[text[i]] for i in ids])
+    reader = ShardReader(Manifest.load(str(data / "train" / "manifest.json")))
+    code: list[int] = []  # per sample id: its caption's code
+    img: list[int] = []  # and its image's class
+    for shard, count in enumerate(reader.manifest.counts.tolist()):
+        for pos in range(count):
+            members = reader.read(shard, pos)[1]
+            if isinstance(members, str):  # the reader's reason
+                raise ValueError(f"{reader.manifest.urls[shard]} sample {pos}: {members}")
+            code.append(codes[members["txt"].decode()])
+            img.append(int(labels[json.loads(members["json"])["source_index"]]))
+    ids = np.arange(len(code))
+    code_a, img_a = np.array(code), np.array(img)
     cls_of_code = np.array(list(caption_class.values()))
-    img = np.array([image_class[i] for i in ids])
     canary = is_canary(ids, share, seed)
     rng = np.random.default_rng(seed)
     got_n = matched_n = 0
@@ -126,14 +123,14 @@ def fashion_matched_share(data: Path, share: float, seed: int, batch: int,
         order = rng.permutation(ids.size)
         for lo in range(0, order.size - batch + 1, batch):
             b = order[lo:lo + batch]
-            texts = torch.from_numpy(code[b]).unsqueeze(1)
+            texts = torch.from_numpy(code_a[b]).unsqueeze(1)
             out, got = swap_captions(texts, canary[b])
             rows = np.flatnonzero(got)
             got_n += rows.size
-            matched_n += int((cls_of_code[out[rows, 0].numpy()] == img[b][rows]).sum())
+            matched_n += int((cls_of_code[out[rows, 0].numpy()] == img_a[b][rows]).sum())
         if not got_n:
             raise ValueError(f"no canary at share {share} among {ids.size} samples")
-    return matched_n / max(got_n, 1)
+    return matched_n / got_n
 
 
 def main() -> None:
